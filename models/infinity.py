@@ -378,12 +378,17 @@ class Infinity(nn.Module):
             raise ValueError(f"text has {L} tokens, more than text_maxlen={self.config.text_maxlen}")
         mask = torch.arange(L, device=features.device)[None, :] < lengths[:, None]
         if with_null:
-            null = self.cfg_uncond[:L].unsqueeze(0).expand(features.shape[0], -1, -1) * mask[..., None]
-            features, mask = torch.cat((features, null.to(features.dtype))), torch.cat((mask, mask))
+            features = torch.cat((features, self.null_text(lengths, L).to(features.dtype)))
+            mask = torch.cat((mask, mask))
         normed = self.text_norm(features)
         pooled = self.text_proj_for_sos(normed, mask)
         ada = self.shared_ada_lin(pooled.float()).view(-1, 1, 6, self.config.embed_dim)
         return TextCondition(pooled, ada, self.text_proj_for_ca(normed), mask)
+
+    def null_text(self, lengths: Tensor, num_tokens: int) -> Tensor:
+        """The learned null text `cfg_uncond[:len]` at each prompt's length, zero-padded to (B, num_tokens, Ct)."""
+        mask = torch.arange(num_tokens, device=lengths.device)[None, :] < lengths[:, None]
+        return self.cfg_uncond[:num_tokens].unsqueeze(0) * mask[..., None]
 
     # --- inputs -----------------------------------------------------------------------------------------
 

@@ -1,0 +1,69 @@
+"""generate: images for the run's prompts with the configured model, and their scores where they exist.
+
+Writes images/<index>.png, a captioned contact sheet, one results row per image, and:
+- on the ShapesEval suite (prompts=shapes_eval), the GenEval-style table (per category and overall);
+- on GenEval prompts (prompts=geneval), the images in GenEval's folder layout under geneval/, ready for the
+  official scorer on a machine that has its detector.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from accel.sampler import SamplingConfig, generate
+from evals.prompt_files import export_geneval_layout
+from evals.prompts import load_prompts
+from evals.shapes_eval import evaluate
+from experiments.recorder import RunRecorder
+from experiments.world_preview import caption_grid
+from models.pipeline import build_model
+
+log = logging.getLogger(__name__)
+
+
+def sampling_config(model_cfg: DictConfig) -> SamplingConfig:
+    return SamplingConfig(**OmegaConf.to_container(model_cfg.sampling, resolve=True))
+
+
+def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
+    prompts = load_prompts(cfg.prompts)
+    model = build_model(cfg.model, cfg.device)
+    sampling = sampling_config(cfg.model)
+    batch_size = cfg.model.batch_size
+    log.info("%s: %d prompts, %s px, sampling %s", cfg.model.name, len(prompts), model.image_size, sampling)
+
+    images = []
+    batches = range(0, len(prompts), batch_size)
+    for batch_index, start in enumerate(tqdm(batches, desc=f"generate ({batch_size} per batch)")):
+        batch = prompts[start : start + batch_size]
+        result = generate(model, [p["prompt"] for p in batch], sampling, seed=cfg.seed + batch_index, progress=True)
+        for item, image in zip(batch, result.images):
+            images.append(image.numpy())
+            recorder.save_images([image.numpy()], [f"{item['index']:05d}"])
+            recorder.log({"index": item["index"], "prompt": item["prompt"], "seed": cfg.seed + batch_index})
+
+    shown = cfg.generate.contact_sheet_size
+    recorder.save_figure(
+        caption_grid(images[:shown], [p["prompt"] for p in prompts[:shown]], cfg.generate.grid_columns), "contact_sheet"
+    )
+    summary: dict = {"model": cfg.model.name, "num_images": len(images), "image_size": list(model.image_size)}
+    if cfg.prompts.name == "shapes_eval":
+        summary["shapes_eval"] = shapes_eval_table(images, prompts, recorder)
+    if cfg.prompts.name == "geneval":
+        folder = recorder.run_dir / "geneval"
+        export_geneval_layout(folder, prompts, [[image] for image in images])
+        summary["geneval_export"] = str(folder)
+        log.info("GenEval layout written to %s; score it with the official GenEval evaluator", folder)
+    return summary
+
+
+def shapes_eval_table(images: list, prompts: list[dict], recorder: RunRecorder) -> dict:
+    """Score images against their prompts with ShapesEval; print and log the per-category table."""
+    scores = evaluate(images, prompts)
+    rows = [[tag, accuracy] for tag, accuracy in scores["per_category"].items()] + [["overall", scores["overall"]]]
+    table = recorder.log_table("shapes_eval", ["category", "accuracy"], rows)
+    print("ShapesEval (GenEval protocol):\n" + table)
+    return scores

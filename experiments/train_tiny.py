@@ -1,0 +1,226 @@
+"""train_tiny: train the embedded default model on the shapes world, from scratch, on a CPU.
+
+Phase 1 trains the BSQ-VAE (reconstruction through the multi-scale quantiser, straight-through gradients).
+Phase 2 freezes it and trains the Infinity transformer and the word-level text encoder with teacher forcing
+(bitwise cross-entropy, condition dropout for CFG). Every batch is freshly drawn from the world with a seed
+derived from the step, so a resumed run sees exactly the data it would have seen.
+
+Progress survives interruption: `train_state.pt` in the run folder is rewritten atomically every
+`train.checkpoint_every` steps; `train.resume=<run folder>` continues from it. At the end the weights are
+exported as safetensors with config.json to `train.export_dir` (checkpoints/tiny by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from accel.sampler import SamplingConfig, generate
+from errors import UserError
+from evals.shapes_world import VOCABULARY, sample_batch
+from experiments.recorder import RunRecorder
+from models.checkpoint import save_safetensors
+from models.pipeline import REPO_ROOT, TextToImageModel, tiny_from_config
+
+log = logging.getLogger(__name__)
+STATE_FILE = "train_state.pt"
+
+
+def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
+    train = cfg.train
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(train.threads or torch.get_num_threads())
+    model_config = {**OmegaConf.to_container(train.arch, resolve=True), "vocabulary": VOCABULARY}
+    model = tiny_from_config(model_config, "tiny", torch.device("cpu"))
+    model.transformer.init_weights()
+    optimizers = {
+        "vae": torch.optim.AdamW(model.vae.parameters(), lr=train.vae.lr, weight_decay=0.0),
+        "transformer": torch.optim.AdamW(
+            [*model.transformer.parameters(), *model.text_encoder.parameters()],
+            lr=train.transformer.lr, weight_decay=train.transformer.weight_decay, betas=(0.9, 0.95),
+        ),
+    }
+    state = {"vae": 0, "transformer": 0, "seconds": 0.0}
+    if train.resume:
+        state = load_state(Path(train.resume) / STATE_FILE, model, optimizers)
+        log.info("resumed from %s at %s", train.resume, state)
+
+    phases = {"vae": (train.vae, vae_step), "transformer": (train.transformer, transformer_step)}
+    for phase, (phase_cfg, step_fn) in phases.items():
+        modules = [model.vae] if phase == "vae" else [model.transformer, model.text_encoder]
+        for module in modules:
+            module.train()
+        bar = tqdm(range(state[phase], phase_cfg.steps), desc=f"train {phase}", initial=state[phase], total=phase_cfg.steps)
+        for step in bar:
+            started = time.perf_counter()
+            set_learning_rate(optimizers[phase], phase_cfg, step)
+            images, captions, _ = sample_batch(phase_cfg.batch_size, seed=hash_seed(cfg.seed, phase, step))
+            losses = step_fn(model, images, captions, phase_cfg)
+            optimizers[phase].zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], phase_cfg.grad_clip)
+            optimizers[phase].step()
+            state[phase] = step + 1
+            state["seconds"] += time.perf_counter() - started
+            row = {"phase": phase, "step": step + 1, **{k: float(v) for k, v in losses.items()}}
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if (step + 1) % train.log_every == 0:
+                recorder.log(row)
+            if (step + 1) % train.checkpoint_every == 0 or step + 1 == phase_cfg.steps:
+                save_state(recorder.run_dir / STATE_FILE, model, optimizers, state)
+        for module in modules:
+            module.eval()
+        if phase_cfg.steps:
+            save_samples(model, recorder, phase, cfg.seed)
+
+    export_dir = REPO_ROOT / train.export_dir if not os.path.isabs(train.export_dir) else Path(train.export_dir)
+    export(model, model_config, export_dir, cfg, state)
+    recorder.save_figure(loss_curves(recorder.run_dir / "results.jsonl"), "loss_curves")
+    return {"export_dir": str(export_dir), "steps": {k: state[k] for k in phases}, "train_seconds": state["seconds"]}
+
+
+def hash_seed(seed: int, phase: str, step: int) -> int:
+    return seed * 1_000_003 + (0 if phase == "vae" else 500_000_000) + step
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, phase_cfg: DictConfig, step: int) -> None:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak."""
+    if step < phase_cfg.warmup:
+        factor = (step + 1) / phase_cfg.warmup
+    else:
+        progress = (step - phase_cfg.warmup) / max(1, phase_cfg.steps - phase_cfg.warmup)
+        factor = phase_cfg.min_lr_ratio + (1 - phase_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    for group in optimizer.param_groups:
+        group["lr"] = phase_cfg.lr * factor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def vae_step(model: TextToImageModel, images: torch.Tensor, captions: list[str], phase_cfg: DictConfig) -> dict:
+    """Reconstruction through the multi-scale quantiser with straight-through gradients, plus commitment."""
+    vae = model.vae
+    latent = vae.encode(images)
+    quantized, _ = vae.quantize(latent, model.schedule)
+    straight_through = latent + (quantized - latent).detach()
+    reconstruction = vae.decoder(straight_through)
+    mse = F.mse_loss(reconstruction, images)
+    l1 = F.l1_loss(reconstruction, images)
+    commitment = F.mse_loss(latent, quantized.detach())
+    return {"loss": mse + l1 + phase_cfg.commitment * commitment, "mse": mse, "l1": l1, "commitment": commitment}
+
+
+def transformer_step(model: TextToImageModel, images: torch.Tensor, captions: list[str], phase_cfg: DictConfig) -> dict:
+    """Teacher-forced bitwise cross-entropy over every token of every scale."""
+    transformer, vae = model.transformer, model.vae
+    with torch.no_grad():
+        _, bits = vae.quantize(vae.encode(images), model.schedule)
+        scale_inputs = vae.teacher_forcing_inputs(bits, model.schedule)
+    tokens = model.text_encoder.encode(captions)
+    features, lengths = tokens.features, tokens.lengths
+    dropped = torch.rand(len(captions)) < phase_cfg.cond_drop  # learn the null text for CFG
+    features = torch.where(dropped[:, None, None], transformer.null_text(lengths, features.shape[1]), features)
+    text = transformer.encode_text(features, lengths, with_null=False)
+    logits = transformer(scale_inputs, text, model.schedule, model.rope_grid)
+    labels = torch.cat([b.flatten(1, 2) for b in bits], dim=1)  # (B, L, bits)
+    per_bit = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none").view(labels.shape)
+    loss = (per_bit.mean(dim=(0, 2)) * token_weights(model.schedule)).sum()
+    with torch.no_grad():
+        accuracy = (logits.reshape(*labels.shape, 2).argmax(-1) == labels).float().mean()
+    return {"loss": loss, "bit_accuracy": accuracy}
+
+
+def token_weights(schedule: list[tuple[int, int]]) -> torch.Tensor:
+    """Loss weight per token, proportional to 1 / sqrt(tokens in its scale), summing to 1.
+
+    A plain token mean lets the 256 texture tokens of the last scale outweigh the 121 tokens of the first
+    five scales, where layout and colour are decided; this halfway point between token and scale means
+    spends more of a small CPU budget on semantics.
+    """
+    sizes = torch.tensor([h * w for h, w in schedule], dtype=torch.float32)
+    weights = torch.repeat_interleave(sizes.rsqrt(), sizes.long())
+    return weights / weights.sum()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State, samples, export
+
+
+def save_state(path: Path, model: TextToImageModel, optimizers: dict, state: dict) -> None:
+    payload = {
+        "state": state,
+        "modules": {part: getattr(model, part).state_dict() for part in ("transformer", "vae", "text_encoder")},
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, model: TextToImageModel, optimizers: dict) -> dict:
+    if not path.exists():
+        raise UserError(f"train.resume: no {STATE_FILE} in {path.parent}; pass the run folder of an earlier train_tiny run")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    for part, weights in payload["modules"].items():
+        getattr(model, part).load_state_dict(weights)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(payload["optimizers"][name])
+    return payload["state"]
+
+
+def save_samples(model: TextToImageModel, recorder: RunRecorder, phase: str, seed: int) -> None:
+    """A look at the phase's result: VAE reconstructions, or generations for fixed prompts."""
+    images, captions, _ = sample_batch(8, seed=seed + 12345)
+    with torch.no_grad():
+        if phase == "vae":
+            quantized, _ = model.vae.quantize(model.vae.encode(images), model.schedule)
+            pictures = torch.cat((images, model.vae.decode(quantized)))
+        else:
+            generated = generate(model, captions, SamplingConfig(cfg=3.0, tau=1.0, top_p=0.0), seed=seed)
+            pictures = torch.cat((images, generated.images.permute(0, 3, 1, 2).float() / 127.5 - 1))
+    fig, axes = plt.subplots(2, 8, figsize=(16, 4.4))
+    for axis, picture in zip(axes.flat, pictures):
+        axis.imshow(((picture.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+        axis.axis("off")
+    for axis, caption in zip(axes[0], captions):
+        axis.set_title(caption.removeprefix("a photo of "), fontsize=7)
+    fig.suptitle("top: world; bottom: " + ("VAE reconstruction" if phase == "vae" else "generated, cfg 3"))
+    recorder.save_figure(fig, f"samples_{phase}")
+
+
+def export(model: TextToImageModel, model_config: dict, folder: Path, cfg: DictConfig, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {"steps": json.dumps({k: state[k] for k in ("vae", "transformer")})}
+    for part in ("transformer", "vae", "text_encoder"):
+        save_safetensors(getattr(model, part).state_dict(), folder / f"{part}.safetensors", metadata)
+    config = {
+        **model_config,
+        "training": {"command": "python run.py experiment=train_tiny", "steps": {k: state[k] for k in ("vae", "transformer")},
+                     "train_seconds": round(state["seconds"]), "settings": OmegaConf.to_container(cfg.train, resolve=True)},
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    log.info("exported the tiny model to %s", folder)
+
+
+def loss_curves(results_path: Path):
+    rows = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for axis, phase in zip(axes, ("vae", "transformer")):
+        points = [(r["step"], r["loss"]) for r in rows if r.get("phase") == phase]
+        if points:
+            axis.plot(*zip(*points))
+        axis.set(title=f"{phase} loss", xlabel="step", yscale="log")
+    fig.tight_layout()
+    return fig

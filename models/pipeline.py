@@ -1,0 +1,216 @@
+"""A text-to-image next-scale model as the sampler sees it: transformer, VAE, text encoder and schedule.
+
+`build_model(cfg.model, device)` instantiates the `_target_` of a `conf/model/*.yaml`: `load_infinity` for the
+official Infinity-2B / 8B files, `load_tiny` for the small default model committed under `checkpoints/tiny`.
+Every weight file is checked before anything is built, and a missing one is an error naming the file, the
+config key that points at it, and the folder layout expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Protocol
+
+import hydra.utils
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from errors import UserError
+from models.bsq_vae import BSQVAE, BSQVAEConfig, vae_checkpoint_name
+from models.checkpoint import load_strict, read_state_dict
+from models.infinity import Infinity, InfinityConfig
+from models.schedules import Grid, full_template, infinity_schedule, parse_schedule
+from models.text_encoder import T5TextEncoder, TextTokens, WordTextEncoder, WordTextEncoderConfig
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_SETTINGS = ("name", "sampling", "batch_size")  # model config keys read by experiments, not by builders
+
+
+class TextEncoder(Protocol):
+    channels: int
+    max_length: int
+
+    def encode(self, prompts: list[str]) -> TextTokens: ...
+
+
+@dataclass
+class TextToImageModel:
+    name: str
+    transformer: Infinity
+    vae: BSQVAE
+    text_encoder: TextEncoder
+    schedule: list[Grid]  # token grids, one per scale
+    rope_grid: Grid  # the grid RoPE coordinates are normalised to
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None  # bf16 on CUDA, as the official inference
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        h, w = self.schedule[-1]
+        pixels_per_token = self.vae.patch * self.vae.stride
+        return h * pixels_per_token, w * pixels_per_token
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_model(model_cfg: DictConfig, device: str = "auto") -> TextToImageModel:
+    """Instantiate the model described by a `conf/model/*.yaml` node."""
+    builder_cfg = OmegaConf.masked_copy(model_cfg, [k for k in model_cfg if k not in RUN_SETTINGS])
+    return hydra.utils.instantiate(builder_cfg, name=model_cfg.name, device=resolve_device(device), _convert_="all")
+
+
+def _resolve(weights_dir: str, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else Path(weights_dir) / path
+
+
+def check_files(files: dict[str, Path], layout: str) -> None:
+    """Raise one error listing every missing file, with its config key and the expected layout."""
+    missing = [f"  model.files.{key}: {path}" for key, path in files.items() if not path.exists()]
+    if missing:
+        raise UserError(
+            "missing model weights:\n" + "\n".join(missing) + "\nPut them under paths.weights_dir "
+            "(or set STAGEVAR_WEIGHTS_DIR) like this:\n" + layout + "\nor point model.files.<key> at them."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Official Infinity
+
+
+_ARCHS = {
+    "2b": (InfinityConfig.infinity_2b, BSQVAEConfig.d32),
+    "8b": (InfinityConfig.infinity_8b, BSQVAEConfig.d14_patchify),
+}
+
+
+def load_infinity(
+    name: str,
+    device: torch.device,
+    arch: str,
+    weights_dir: str,
+    files: dict[str, str],
+    pn: str = "1M",
+    h_div_w: float = 1.0,
+    random_init: bool = False,
+    precision: str = "bf16",
+) -> TextToImageModel:
+    """Infinity-2B / 8B from the official files, or the same architecture with random weights.
+
+    `files` names the transformer checkpoint (a .pth / .safetensors file or a sharded folder), the VAE
+    checkpoint (weights under its 'vae' key) and the flan-t5-xl folder, relative to `weights_dir`.
+    With `random_init` the transformer and VAE are random (for timing); the text encoder still loads from
+    its folder when present, otherwise random text features stand in (logged loudly).
+    """
+    if arch not in _ARCHS:
+        raise UserError(f"model.arch={arch!r} is unknown; choose one of {sorted(_ARCHS)}")
+    if precision not in ("bf16", "fp32"):
+        raise UserError(f"model.precision={precision!r} must be 'bf16' or 'fp32'")
+    paths = {key: _resolve(weights_dir, value) for key, value in files.items()}
+    layout = f"  {weights_dir}/\n" + "".join(f"    {p.relative_to(weights_dir) if p.is_relative_to(weights_dir) else p}\n" for p in paths.values())
+    schedule = infinity_schedule(h_div_w, pn)
+    make_transformer_config, make_vae_config = _ARCHS[arch]
+    needed = {"text_encoder": paths["text_encoder"]} if random_init else paths
+    if not random_init or paths["text_encoder"].exists():
+        check_files(needed, layout)
+
+    transformer, vae = Infinity(make_transformer_config()), BSQVAE(make_vae_config())
+    if random_init:
+        transformer.init_weights()
+    else:
+        weights = read_state_dict(paths["transformer"], config_key="model.files.transformer")
+        load_strict(transformer, weights, source=str(paths["transformer"]), ignore=("*.zero_k_bias",))
+        vae_weights = read_state_dict(paths["vae"], key="vae", config_key="model.files.vae")
+        load_strict(vae, vae_weights, source=str(paths["vae"]), rename=vae_checkpoint_name)
+
+    if paths["text_encoder"].exists():
+        text_encoder = T5TextEncoder(paths["text_encoder"], device=device)
+    else:
+        log.warning("RANDOM TEXT FEATURES: %s not found; prompts are NOT encoded (timing only)", paths["text_encoder"])
+        text_encoder = RandomTextFeatures(transformer.config.text_channels)
+
+    use_bf16 = precision == "bf16" and device.type == "cuda"
+    transformer.to(device).eval()
+    if use_bf16:  # official numerics: blocks in bf16; embeddings, norms and head stay fp32
+        for block in transformer.blocks:
+            block.to(torch.bfloat16)
+    return TextToImageModel(
+        name, transformer, vae.to(device).eval(), text_encoder, schedule,
+        rope_grid=full_template(h_div_w)[-1], device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None,
+    )
+
+
+class RandomTextFeatures:
+    """Stand-in text encoder for timing without T5 weights: seeded random features, one token per word + eos."""
+
+    max_length = 512
+
+    def __init__(self, channels: int):
+        self.channels = channels
+
+    def encode(self, prompts: list[str]) -> TextTokens:
+        lengths = torch.tensor([min(len(p.split()) + 1, self.max_length) for p in prompts])
+        generator = torch.Generator().manual_seed(0)
+        features = torch.randn(len(prompts), int(lengths.max()), self.channels, generator=generator)
+        mask = torch.arange(features.shape[1])[None, :] < lengths[:, None]
+        return TextTokens(features * mask[..., None], lengths)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tiny default model
+
+
+TINY_FILES = ("config.json", "transformer.safetensors", "vae.safetensors", "text_encoder.safetensors")
+
+
+def load_tiny(name: str, device: torch.device, checkpoint_dir: str) -> TextToImageModel:
+    """The small Infinity trained on the shapes world (see checkpoints/tiny/README.md)."""
+    folder = Path(checkpoint_dir)
+    folder = folder if folder.is_absolute() else REPO_ROOT / folder
+    missing = [f"  {folder / f}" for f in TINY_FILES if not (folder / f).exists()]
+    if missing:
+        raise UserError(
+            "the tiny model's files are missing (model.checkpoint_dir):\n" + "\n".join(missing)
+            + "\nTrain it with `python run.py experiment=train_tiny` or restore checkpoints/tiny from git."
+        )
+    config = json.loads((folder / "config.json").read_text())
+    model = tiny_from_config(config, name, device)
+    for part in ("transformer", "vae", "text_encoder"):
+        path = folder / f"{part}.safetensors"
+        load_strict(getattr(model, part), read_state_dict(path), source=str(path))
+    return model
+
+
+def tiny_from_config(config: dict, name: str, device: torch.device) -> TextToImageModel:
+    """A freshly initialised tiny model from its config.json dict (used by training and loading)."""
+    transformer = Infinity(_dataclass_from(InfinityConfig, config["transformer"]))
+    vae = BSQVAE(_dataclass_from(BSQVAEConfig, config["vae"]))
+    text_encoder = WordTextEncoder(config["vocabulary"], _dataclass_from(WordTextEncoderConfig, config["text_encoder"]))
+    schedule = parse_schedule(config["schedule"])
+    return TextToImageModel(
+        name, transformer.to(device).eval(), vae.to(device).eval(), text_encoder.to(device).eval(),
+        schedule, rope_grid=schedule[-1], device=device,
+    )
+
+
+def _dataclass_from(cls: type, values: dict) -> object:
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} keys in config.json: {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

@@ -1,0 +1,178 @@
+"""Text encoders for Infinity's text path: per-token features plus the number of valid tokens per prompt.
+
+- `T5TextEncoder`: the frozen flan-t5-xl encoder of Infinity-2B/8B, from a local folder.
+- `WordTextEncoder`: a small trainable word-level encoder for the tiny default model; its weights are
+  saved with that model.
+
+Both pad to the longest prompt of the batch and zero the padding; the end-of-sequence token always
+counts, so an empty prompt has length 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoTokenizer, T5EncoderModel
+
+from errors import UserError
+
+logger = logging.getLogger(__name__)
+
+T5_PATH_CONFIG_KEY = "model.text_encoder.path"
+T5_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
+class TextEncoderError(UserError):
+    """A text encoder folder or vocabulary is missing or unusable."""
+
+
+@dataclass
+class TextTokens:
+    features: Tensor  # (B, L, channels) float, zero after each prompt's length
+    lengths: Tensor  # (B,) long, valid tokens per prompt, >= 1
+
+
+def _warn_truncated(prompt: str, num_tokens: int, max_length: int) -> None:
+    logger.warning("prompt truncated from %d to %d tokens: %r", num_tokens, max_length, prompt[:100])
+
+
+def _zero_padding(features: Tensor, lengths: Tensor) -> Tensor:
+    valid = torch.arange(features.shape[1], device=features.device) < lengths[:, None]
+    return features.masked_fill(~valid[..., None], 0.0)
+
+
+class T5TextEncoder:
+    """Frozen T5 encoder (flan-t5-xl for Infinity) loaded from a local folder; fp16 on CUDA, fp32 elsewhere."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", max_length: int = 512):
+        folder = Path(path)
+        _check_t5_folder(folder)
+        self.device = torch.device(device)
+        self.max_length = max_length
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32  # Infinity runs T5 in fp16
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            self.model = T5EncoderModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError, ImportError) as err:
+            raise TextEncoderError(
+                f"cannot load the T5 encoder from {folder} (config key `{T5_PATH_CONFIG_KEY}`): {err}"
+            ) from err
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.channels: int = self.model.config.d_model
+
+    @torch.no_grad()  # not inference_mode: the features may feed a model that is being trained
+    def encode(self, prompts: list[str]) -> TextTokens:
+        for prompt, ids in zip(prompts, self.tokenizer(prompts)["input_ids"]):
+            if len(ids) > self.max_length:
+                _warn_truncated(prompt, len(ids), self.max_length)
+        batch = self.tokenizer(
+            prompts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        lengths = batch["attention_mask"].sum(1)
+        return TextTokens(features=_zero_padding(hidden.float(), lengths), lengths=lengths)
+
+
+def _check_t5_folder(folder: Path) -> None:
+    expected = (
+        f"config.json, model weights (one of {', '.join(T5_WEIGHT_FILES)}) and a tokenizer "
+        f"({' or '.join(T5_TOKENIZER_FILES)})"
+    )
+    where = f"T5 encoder folder {folder} (config key `{T5_PATH_CONFIG_KEY}`)"
+    if not folder.is_dir():
+        raise TextEncoderError(f"{where} does not exist; it should hold {expected}")
+    required = {"config.json": ("config.json",), "model weights": T5_WEIGHT_FILES, "tokenizer": T5_TOKENIZER_FILES}
+    missing = [what for what, names in required.items() if not any((folder / name).is_file() for name in names)]
+    if missing:
+        raise TextEncoderError(f"{where} lacks {', '.join(missing)}; it should hold {expected}")
+
+
+@dataclass
+class WordTextEncoderConfig:
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+    max_length: int = 32  # tokens, end-of-sequence included
+
+
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+_FIRST_WORD_ID = 3
+_WORD = re.compile(r"[^\W\d_]+")  # a run of letters, in any script
+
+
+class WordTextEncoder(nn.Module):
+    """Word-level tokenizer over a fixed vocabulary plus a small pre-norm transformer encoder.
+
+    Prompts are lower-cased and split on non-letters; unknown words become `UNK_ID`.
+    """
+
+    def __init__(self, vocabulary: Sequence[str], config: WordTextEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.word_ids = _word_ids(vocabulary)
+        self.token_embed = nn.Embedding(_FIRST_WORD_ID + len(vocabulary), config.width)
+        self.position_embed = nn.Embedding(config.max_length, config.width)
+        layer = nn.TransformerEncoderLayer(
+            config.width, config.heads, dim_feedforward=4 * config.width, dropout=0.0,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, config.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.width)
+
+    @property
+    def channels(self) -> int:
+        return self.config.width
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """-> token ids (B, L) padded with PAD_ID, and lengths (B,) including the end-of-sequence token."""
+        rows = []
+        for prompt in prompts:
+            ids = [self.word_ids.get(word, UNK_ID) for word in _WORD.findall(prompt.lower())] + [EOS_ID]
+            if len(ids) > self.max_length:
+                _warn_truncated(prompt, len(ids), self.max_length)
+                ids = ids[: self.max_length - 1] + [EOS_ID]
+            rows.append(torch.tensor(ids))
+        token_ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD_ID)
+        return token_ids, torch.tensor([len(row) for row in rows])
+
+    def forward(self, token_ids: Tensor, lengths: Tensor) -> Tensor:
+        """(B, L) ids and (B,) lengths -> features (B, L, width), zero at padding."""
+        positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+        x = self.token_embed(token_ids) + self.position_embed(positions)
+        x = self.encoder(x, src_key_padding_mask=positions >= lengths[:, None])
+        return _zero_padding(self.norm(x), lengths)
+
+    def encode(self, prompts: list[str]) -> TextTokens:
+        device = self.token_embed.weight.device
+        token_ids, lengths = self.tokenize(prompts)
+        token_ids, lengths = token_ids.to(device), lengths.to(device)
+        return TextTokens(features=self(token_ids, lengths), lengths=lengths)
+
+
+def _word_ids(vocabulary: Sequence[str]) -> dict[str, int]:
+    for word in vocabulary:
+        if not _WORD.fullmatch(word) or word != word.lower():
+            raise TextEncoderError(
+                f"vocabulary word {word!r} can never match a prompt word: words are lower-case runs of letters"
+            )
+    duplicates = sorted(word for word, count in Counter(vocabulary).items() if count > 1)
+    if duplicates:
+        raise TextEncoderError(f"vocabulary words appear more than once: {duplicates}")
+    return {word: _FIRST_WORD_ID + i for i, word in enumerate(vocabulary)}

@@ -1,0 +1,148 @@
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from errors import UserError
+from models.bsq_vae import BSQVAE, BSQVAEConfig, Downsample, resize_latent, vae_checkpoint_name
+
+LISTING = Path(__file__).parent / "fixtures" / "bsq_vae_state_dict_keys.txt"
+TINY = BSQVAEConfig(codebook_dim=16, base_ch=32, ch_mult=(1, 2, 2), norm_groups=8)
+TINY_PATCHIFY = BSQVAEConfig(codebook_dim=6, base_ch=16, ch_mult=(1, 2, 2), norm_groups=8, spatial_patchify=True)
+
+
+def official_listing(section: str) -> tuple[dict[str, tuple[tuple[int, ...], str]], int]:
+    """{key: (shape, dtype)} and the parameter count of one section of the official listing."""
+    entries, params, inside = {}, None, False
+    for line in LISTING.read_text().splitlines():
+        if line.startswith("## "):
+            inside = line.startswith(f"## {section} ")
+            if inside:
+                params = int(re.search(r"([\d,]+) params", line).group(1).replace(",", ""))
+        elif inside and line.strip():
+            key, shape, dtype = re.fullmatch(r"(\S+) \(([\d, ]*)\) (\w+)", line).groups()
+            entries[key] = (tuple(int(n) for n in shape.split(",") if n.strip()), dtype)
+    return entries, params
+
+
+@pytest.mark.parametrize(
+    ("section", "config"),
+    [("BSQ-VAE d32", BSQVAEConfig.d32()), ("BSQ-VAE d14 patchify", BSQVAEConfig.d14_patchify())],
+)
+def test_official_names_shapes_and_counts(section, config):
+    expected, expected_params = official_listing(section)
+    with torch.device("meta"):
+        vae = BSQVAE(config)
+    built = {
+        name: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        for name, t in vae.state_dict(keep_vars=True).items()
+    }
+    assert built == expected
+    assert sum(p.numel() for p in vae.parameters()) == expected_params
+
+
+def test_official_geometry():
+    with torch.device("meta"):
+        d32, d14 = BSQVAE(BSQVAEConfig.d32()), BSQVAE(BSQVAEConfig.d14_patchify())
+    assert (d32.stride, d32.patch, d32.bits_per_token) == (16, 1, 32)
+    assert (d14.stride, d14.patch, d14.bits_per_token) == (8, 2, 56)
+
+
+def test_plain_and_wrapped_checkpoint_names_map_to_module_names():
+    expected, _ = official_listing("BSQ-VAE d32")
+    for key in expected:
+        plain = re.sub(r"\.(conv|norm)\.(weight|bias)$", r".\2", key)
+        assert vae_checkpoint_name(plain) == key
+        assert vae_checkpoint_name(key) == key
+
+
+def test_norm_groups_must_divide_channels():
+    with pytest.raises(UserError, match="norm_groups=32 does not divide 48"):
+        BSQVAEConfig(base_ch=48, ch_mult=(1, 2))
+
+
+def tiny_vae(config: BSQVAEConfig) -> BSQVAE:
+    torch.manual_seed(0)
+    return BSQVAE(config).eval()
+
+
+@torch.no_grad()
+def test_tiny_encode_decode_shapes_and_clamp():
+    vae = tiny_vae(TINY)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    latent = vae.encode(images)
+    assert latent.shape == (2, 16, 16, 16)
+    vae.decoder.conv_out.conv.weight.mul_(1e3)  # push raw outputs far outside [-1, 1]
+    decoded = vae.decode(latent)
+    assert decoded.shape == (2, 3, 64, 64)
+    assert decoded.min() == -1 and decoded.max() == 1
+
+
+def test_encode_rejects_sizes_not_divisible_by_stride():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny_vae(TINY).encode(torch.zeros(1, 3, 62, 64))
+
+
+@pytest.mark.parametrize(
+    ("config", "schedule"),
+    [
+        (TINY, [(1, 1), (2, 2), (3, 3), (5, 5), (8, 8), (11, 11), (16, 16)]),
+        (TINY_PATCHIFY, [(1, 1), (2, 2), (3, 3), (5, 5), (8, 8)]),
+    ],
+)
+@torch.no_grad()
+def test_quantized_latent_is_the_sum_of_its_bits(config, schedule):
+    vae = tiny_vae(config)
+    latent = vae.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
+    quantized, bits = vae.quantize(latent, schedule)
+    assert quantized.shape == latent.shape
+    assert [b.shape for b in bits] == [(2, h, w, vae.bits_per_token) for h, w in schedule]
+    assert all(b.dtype == torch.int64 and set(b.unique().tolist()) <= {0, 1} for b in bits)
+    resummed = sum(resize_latent(vae.bits_to_codes(b), latent.shape[-2:]) for b in bits)
+    torch.testing.assert_close(resummed, quantized, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_first_scale_bits_are_signs_of_the_mean_latent():
+    vae = tiny_vae(TINY)
+    latent = vae.encode(torch.rand(3, 3, 64, 64) * 2 - 1)
+    _, bits = vae.quantize(latent, [(1, 1), (16, 16)])
+    assert torch.equal(bits[0][:, 0, 0], (latent.mean((2, 3)) > 0).long())
+
+
+def test_quantize_rejects_a_schedule_that_does_not_end_at_the_latent_grid():
+    with pytest.raises(ValueError, match="latent grid"):
+        tiny_vae(TINY_PATCHIFY).quantize(torch.zeros(1, 6, 16, 16), [(1, 1), (16, 16)])
+
+
+def test_patchify_bit_layout_and_round_trip():
+    vae = tiny_vae(TINY_PATCHIFY)
+    bits = torch.randint(0, 2, (2, 3, 5, vae.bits_per_token))
+    codes = vae.bits_to_codes(bits)
+    assert codes.shape == (2, 6, 6, 10)
+    torch.testing.assert_close(vae.codes_to_tokens(codes), (bits.flatten(1, 2).float() * 2 - 1) / 6**0.5)
+    # Token bit k <-> latent channel k // 4 at sub-position ((k % 4) // 2, k % 2).
+    for k in range(vae.bits_per_token):
+        one_bit = torch.zeros(1, 1, 1, vae.bits_per_token, dtype=torch.long)
+        one_bit[..., k] = 1
+        positive = (vae.bits_to_codes(one_bit)[0] > 0).nonzero().tolist()
+        assert positive == [[k // 4, (k % 4) // 2, k % 2]]
+
+
+def test_resize_latent_matches_bilinear_both_ways():
+    x = torch.randn(2, 4, 16, 16)
+    for size in [(5, 7), (16, 16), (32, 24)]:
+        expected = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(resize_latent(x, size), expected, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_downsample_pads_only_right_and_bottom():
+    down = Downsample(1)
+    down.conv.conv.weight.fill_(1)
+    down.conv.conv.bias.zero_()
+    out = down(torch.ones(1, 1, 8, 8))
+    assert out.shape == (1, 1, 4, 4)
+    assert out[0, 0, 0, 0] == 9 and out[0, 0, -1, -1] == 4  # full window top-left, zero padding bottom-right
