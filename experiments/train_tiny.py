@@ -73,7 +73,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
             optimizers[phase].step()
             state[phase] = step + 1
             state["seconds"] += time.perf_counter() - started
-            row = {"phase": phase, "step": step + 1, **{k: float(v) for k, v in losses.items()}}
+            row = {"phase": phase, "step": step + 1, **{k: v.item() for k, v in losses.items()}}
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             if (step + 1) % train.log_every == 0:
                 recorder.log(row)

@@ -47,7 +47,9 @@ class InfinityConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        return round(self.embed_dim * self.mlp_ratio / 256) * 256
+        # Official width: rounded to a multiple of 256 (8192 for 2B); tiny test models keep the plain ratio.
+        hidden = self.embed_dim * self.mlp_ratio
+        return round(hidden / 256) * 256 if hidden >= 256 else round(hidden)
 
     @property
     def pool_heads(self) -> int:

@@ -70,8 +70,10 @@ def resolve_device(device: str) -> torch.device:
 
 def build_model(model_cfg: DictConfig, device: str = "auto") -> TextToImageModel:
     """Instantiate the model described by a `conf/model/*.yaml` node."""
-    builder_cfg = OmegaConf.masked_copy(model_cfg, [k for k in model_cfg if k not in RUN_SETTINGS])
-    return hydra.utils.instantiate(builder_cfg, name=model_cfg.name, device=resolve_device(device), _convert_="all")
+    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in RUN_SETTINGS}
+    # Called directly rather than through hydra.utils.instantiate, which would wrap our UserErrors.
+    builder = hydra.utils.get_method(kwargs.pop("_target_"))
+    return builder(name=model_cfg.name, device=resolve_device(device), **kwargs)
 
 
 def _resolve(weights_dir: str, name: str) -> Path:

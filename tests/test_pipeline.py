@@ -1,0 +1,41 @@
+"""Building models from their configs: clear errors for missing weights, and the tiny model's round trip."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from errors import UserError
+from models.pipeline import build_model
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def model_config(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", [f"model={name}", "experiment=generate", *overrides]).model
+
+
+@pytest.mark.parametrize("name, files", [
+    ("infinity2b", ["infinity_2b_reg.pth", "infinity_vae_d32reg.pth", "flan-t5-xl"]),
+    ("infinity8b", ["infinity_8b_weights", "infinity_vae_d56_f8_14_patchify.pth", "flan-t5-xl"]),
+])
+def test_missing_official_weights_fail_fast_naming_every_file(tmp_path, name, files):
+    with pytest.raises(UserError) as error:
+        build_model(model_config(name, f"paths.weights_dir={tmp_path}"), "cpu")
+    message = str(error.value)
+    for file in files:
+        assert str(tmp_path / file) in message
+    assert "model.files.transformer" in message and "STAGEVAR_WEIGHTS_DIR" in message
+
+
+def test_missing_tiny_checkpoint_names_the_files_and_how_to_get_them(tmp_path):
+    with pytest.raises(UserError, match="train_tiny") as error:
+        build_model(model_config("tiny", f"model.checkpoint_dir={tmp_path}"), "cpu")
+    assert str(tmp_path / "transformer.safetensors") in str(error.value)
+
+
+def test_unknown_resolution_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="model.pn"):
+        build_model(model_config("infinity2b", "model.pn=2M", "model.random_init=true"), "cpu")
