@@ -21,14 +21,16 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from accel.sampler import SamplingConfig, generate
+from accel.sampler import SamplingConfig, generate, to_uint8
 from errors import UserError
-from evals.shapes_world import VOCABULARY, sample_batch
+from evals.shapes_eval import evaluate, load_suite
+from evals.shapes_world import VOCABULARY, render, sample_batch
 from experiments.recorder import RunRecorder
 from models.checkpoint import save_safetensors
 from models.pipeline import REPO_ROOT, TextToImageModel, tiny_from_config
@@ -83,11 +85,17 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
             module.eval()
         if phase_cfg.steps:
             save_samples(model, recorder, phase, cfg.seed)
+        if phase == "vae":
+            vae_scores = vae_reconstruction_scores(model, cfg.seed)
+            log.info("ShapesEval of VAE reconstructions: %.3f %s", vae_scores["overall"], vae_scores["per_category"])
 
     export_dir = REPO_ROOT / train.export_dir if not os.path.isabs(train.export_dir) else Path(train.export_dir)
     export(model, model_config, export_dir, cfg, state)
     recorder.save_figure(loss_curves(recorder.run_dir / "results.jsonl"), "loss_curves")
-    return {"export_dir": str(export_dir), "steps": {k: state[k] for k in phases}, "train_seconds": state["seconds"]}
+    return {
+        "export_dir": str(export_dir), "steps": {k: state[k] for k in phases}, "train_seconds": state["seconds"],
+        "vae_reconstruction_shapes_eval": {k: vae_scores[k] for k in ("overall", "per_category")},
+    }
 
 
 def hash_seed(seed: int, phase: str, step: int) -> int:
@@ -178,6 +186,18 @@ def load_state(path: Path, model: TextToImageModel, optimizers: dict) -> dict:
     for name, opt in optimizers.items():
         opt.load_state_dict(payload["optimizers"][name])
     return payload["state"]
+
+
+def vae_reconstruction_scores(model: TextToImageModel, seed: int) -> dict:
+    """ShapesEval of the VAE's multi-scale reconstructions of the suite's ground-truth renders: the ceiling
+    any transformer on this VAE can reach."""
+    rng = np.random.default_rng(seed)
+    suite = load_suite()
+    renders = torch.stack([torch.from_numpy(render(item, rng)) for item in suite]).permute(0, 3, 1, 2) / 127.5 - 1
+    with torch.no_grad():
+        quantized, _ = model.vae.quantize(model.vae.encode(renders), model.schedule)
+        reconstructions = to_uint8(model.vae.decode(quantized))
+    return evaluate(list(reconstructions.numpy()), suite)
 
 
 def save_samples(model: TextToImageModel, recorder: RunRecorder, phase: str, seed: int) -> None:

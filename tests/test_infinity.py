@@ -106,3 +106,19 @@ def test_null_text_rows_use_the_learned_null_embedding(small_model):
     other_prompt = small_model.encode_text(torch.randn(1, 4, 32), lengths, with_null=True)
     assert torch.allclose(with_null.pooled[1:], other_prompt.pooled[1:])  # the null row ignores the prompt
     assert not torch.allclose(with_null.pooled[1:], with_null.pooled[:1])
+
+
+def test_an_official_style_checkpoint_loads_strictly_with_or_without_zero_k_bias(tmp_path, small_model):
+    from errors import UserError
+    from models.checkpoint import load_strict, read_state_dict
+
+    weights = {k: v.clone() for k, v in small_model.state_dict().items() if not k.endswith("zero_k_bias")}
+    torch.save(weights, tmp_path / "infinity_small.pth")
+    fresh = Infinity(small_config())
+    load_strict(fresh, read_state_dict(tmp_path / "infinity_small.pth"), source="infinity_small.pth",
+                ignore=("*.zero_k_bias",))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), small_model.state_dict().values()))
+
+    del weights["block_chunks.1.module.0.ffn.fc2.bias"]
+    with pytest.raises(UserError, match="block_chunks.1.module.0.ffn.fc2.bias"):
+        load_strict(Infinity(small_config()), weights, source="broken.pth", ignore=("*.zero_k_bias",))
