@@ -91,6 +91,17 @@ def check_files(files: dict[str, Path], layout: str) -> None:
         )
 
 
+def missing_model_files(model_cfg: DictConfig) -> list[str]:
+    """One line per weight file a `conf/model/*.yaml` node needs and lacks ('config key: path'), building nothing."""
+    if hydra.utils.get_method(model_cfg._target_) is load_tiny:
+        folder = _tiny_folder(model_cfg.checkpoint_dir)
+        return [f"model.checkpoint_dir: {folder / name}" for name in TINY_FILES if not (folder / name).exists()]
+    if model_cfg.random_init:  # random weights; a missing text encoder only means random text features
+        return []
+    paths = {key: _resolve(model_cfg.weights_dir, value) for key, value in model_cfg.files.items()}
+    return [f"model.files.{key}: {path}" for key, path in paths.items() if not path.exists()]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Official Infinity
 
@@ -182,8 +193,7 @@ TINY_FILES = ("config.json", "transformer.safetensors", "vae.safetensors", "text
 
 def load_tiny(name: str, device: torch.device, checkpoint_dir: str) -> TextToImageModel:
     """The small Infinity trained on the shapes world (see checkpoints/tiny/README.md)."""
-    folder = Path(checkpoint_dir)
-    folder = folder if folder.is_absolute() else REPO_ROOT / folder
+    folder = _tiny_folder(checkpoint_dir)
     missing = [f"  {folder / f}" for f in TINY_FILES if not (folder / f).exists()]
     if missing:
         raise UserError(
@@ -196,6 +206,11 @@ def load_tiny(name: str, device: torch.device, checkpoint_dir: str) -> TextToIma
         path = folder / f"{part}.safetensors"
         load_strict(getattr(model, part), read_state_dict(path), source=str(path))
     return model
+
+
+def _tiny_folder(checkpoint_dir: str) -> Path:
+    folder = Path(checkpoint_dir)
+    return folder if folder.is_absolute() else REPO_ROOT / folder
 
 
 def tiny_from_config(config: dict, name: str, device: torch.device) -> TextToImageModel:

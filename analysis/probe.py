@@ -1,0 +1,162 @@
+"""The stage probe's measurements: a sampler observer per prompt batch, and per-scale rows from what it saw.
+
+`ScaleTrace` watches one `generate()` call: after every scale it decodes the partial image from the latent
+accumulated so far (at full resolution) and takes the singular values of the conditional rows' scale input
+F~ and of chosen block outputs. `measure` then turns the trace into one row per prompt and scale: every
+metric against the final image (or the prompt), the frequency-band change from the previous scale, and the
+ranks at each energy. Per-image spectra only enter running means, so a run never holds more than one batch
+of images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from accel.sampler import ScaleRecord, to_uint8
+from analysis.metrics import Metric
+from analysis.ranks import RankAggregate, aggregate_rank, cumulative_energy, energy_ranks, singular_values
+from analysis.rows import INPUTS, band_key, rank_key
+from analysis.spectra import band_change, band_labels, check_band_edges, radial_power_spectrum
+from errors import UserError
+from models.bsq_vae import BSQVAE
+from models.schedules import Grid
+
+
+@dataclass
+class ProbeConfig:
+    num_prompts: int = 64  # spread evenly over the prompt list
+    batch_size: int = 16
+    rank_energies: Sequence[float] = (0.9, 0.95, 0.99)
+    rank_blocks: Sequence[int] = (0, -1)  # blocks whose output ranks are measured too; -1 is the last
+    band_edges: Sequence[float] = (0.25, 0.5)  # normalised radii cutting the frequency bands (analysis/spectra.py)
+    strip_prompts: int = 4  # prompts whose partial images are saved for the strip figure
+
+    def __post_init__(self) -> None:
+        for key in ("num_prompts", "batch_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise UserError(f"probe.{key}={getattr(self, key)!r} must be a positive whole number")
+        if self.strip_prompts < 0:
+            raise UserError(f"probe.strip_prompts={self.strip_prompts} must be >= 0")
+        if not self.rank_energies or not all(0 < e <= 1 for e in self.rank_energies):
+            raise UserError(f"probe.rank_energies={list(self.rank_energies)} must be shares in (0, 1]")
+        try:
+            check_band_edges(self.band_edges)
+        except ValueError as error:
+            raise UserError(f"probe.band_edges: {error}") from None
+
+    def blocks(self, depth: int) -> list[int]:
+        """rank_blocks as block indices of a transformer of this depth."""
+        wrong = [b for b in self.rank_blocks if not -depth <= b < depth]
+        if wrong:
+            raise UserError(f"probe.rank_blocks={list(self.rank_blocks)}: {wrong} outside a {depth}-block model")
+        return sorted({b % depth for b in self.rank_blocks})
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """Which measured rank becomes the r_k that the accelerated sampler uses."""
+
+    source: str = INPUTS
+    energy: float = 0.95
+    aggregate: RankAggregate = "p90"
+
+    def __post_init__(self) -> None:
+        if self.aggregate not in ("mean", "p90"):
+            raise UserError(f"stages.ranks.aggregate={self.aggregate!r} is unknown: use p90 or mean")
+
+
+class ScaleTrace:
+    """Sampler observer for one prompt batch: partial images and feature singular values after every scale."""
+
+    def __init__(self, vae: BSQVAE, rank_blocks: Sequence[int]):
+        self.vae = vae
+        self.capture_blocks = tuple(rank_blocks)
+        self.start_image: Tensor | None = None  # the empty latent decoded: the image before scale 0
+        self.partial_images: list[Tensor] = []  # per scale, uint8 (B, H, W, 3)
+        self.singular_values: list[dict[str, Tensor]] = []  # per scale, {source: (B, min(M, d))}
+        self.grids: list[Grid] = []
+
+    def on_scale(self, record: ScaleRecord) -> None:
+        if self.start_image is None:
+            self.start_image = to_uint8(self.vae.decode(torch.zeros_like(record.latent)))
+        self.partial_images.append(to_uint8(self.vae.decode(record.latent)))
+        batch = record.latent.shape[0]  # under CFG rows [0, batch) are the conditional ones
+        features = {INPUTS: record.inputs[:batch]}
+        features |= {f"block{b}": record.block_hidden[b][:batch] for b in self.capture_blocks}
+        self.singular_values.append({source: singular_values(f).cpu() for source, f in features.items()})
+        self.grids.append(record.grid)
+
+
+@dataclass
+class RunningMeans:
+    """Means of equal-length vectors per key, kept as sums so per-image spectra need not be stored."""
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, key: str, vectors: Tensor) -> None:
+        total = vectors.double().sum(0)
+        self.sums[key] = self.sums[key] + total if key in self.sums else total
+        self.counts[key] = self.counts.get(key, 0) + len(vectors)
+
+    def mean(self, key: str) -> list[float]:
+        return (self.sums[key] / self.counts[key]).tolist()
+
+
+def measure(
+    trace: ScaleTrace, prompts: Sequence[dict], metrics: dict[str, Metric], config: ProbeConfig, spectra: RunningMeans
+) -> list[dict]:
+    """One row per prompt and scale from a finished trace; power spectra and singular-value energies go to `spectra`."""
+    final_images = trace.partial_images[-1]  # the final latent decoded the same way: the generated images
+    previous_images = trace.start_image
+    labels = band_labels(config.band_edges)
+    rows = [[] for _ in prompts]
+    for scale, (images, grid, values) in enumerate(zip(trace.partial_images, trace.grids, trace.singular_values)):
+        tokens = grid[0] * grid[1]
+        columns = {
+            name: metric(images, final_images if metric.compares_with == "image" else prompts)
+            for name, metric in metrics.items()
+        }
+        bands = band_change(previous_images, images, config.band_edges)
+        columns |= {band_key(label): bands[:, i] for i, label in enumerate(labels)}
+        for source, source_values in values.items():
+            ranks = energy_ranks(source_values, config.rank_energies)
+            for i, energy in enumerate(config.rank_energies):
+                columns[rank_key(source, energy)] = ranks[:, i]
+                columns[rank_key(source, energy, fraction=True)] = ranks[:, i] / tokens
+            spectra.add(f"cumulative_energy/{source}/{scale}", cumulative_energy(source_values))
+        spectra.add(f"power_spectrum/{scale}", radial_power_spectrum(images))
+        for i, prompt in enumerate(prompts):
+            row = {"index": prompt["index"], "prompt": prompt["prompt"], "scale": scale, "grid": list(grid),
+                   "tokens": tokens}
+            rows[i].append(row | {key: _plain(column[i]) for key, column in columns.items()})
+        previous_images = images
+    return [row for prompt_rows in rows for row in prompt_rows]
+
+
+def _plain(value: Tensor) -> float | int | None:
+    """A row value for JSON: NaN (a metric that does not apply to the prompt) becomes None."""
+    number = value.item()
+    return None if isinstance(number, float) and np.isnan(number) else number
+
+
+def rank_summary(rows: Sequence[dict], choice: RankChoice, schedule: Sequence[Grid]) -> dict:
+    """The per-scale ranks r_k for stages.json: `choice.aggregate` over prompts of the rank at `choice.energy`."""
+    key = rank_key(choice.source, choice.energy)
+    if not rows or key not in rows[0]:
+        raise UserError(f"stages.ranks: no rank was measured for source {choice.source!r} at energy {choice.energy}")
+    per_scale = [
+        aggregate_rank([row[key] for row in rows if row["scale"] == k], choice.aggregate) for k in range(len(schedule))
+    ]
+    return {
+        "source": choice.source,
+        "energy": choice.energy,
+        "per_scale": per_scale,
+        "fraction": [rank / (h * w) for rank, (h, w) in zip(per_scale, schedule)],
+        "aggregate": choice.aggregate,
+    }

@@ -1,0 +1,138 @@
+"""Stage boundaries found from the probe's per-scale curves, and stages.json, which the accelerated sampler reads.
+
+The rule (its tolerances are the `stages:` keys of conf/experiment/stage_probe.yaml):
+
+1. A curve c_0 .. c_{K-1} (one metric, the mean over prompts at each scale) has *settled* at scale k when it
+   stays near its final value from k on:  |c_j - c_{K-1}| <= tolerance * (max c - min c)  for every j >= k.
+   The band is a share of the curve's own span, so one tolerance fits similarities, distances and pass rates.
+2. semantic_end is the first scale at which every semantic metric has settled; structure_end the same for
+   every structural metric. Scales are 0-based.
+3. refinement_start = max(semantic_end, structure_end) + 1: fidelity refinement begins once both meaning
+   and structure are fixed. It equals K (no refinement stage) when a curve only settles at the last scale.
+
+Semantics are expected to settle no later than structure; the rule does not assume it, and
+`semantics_settle_first` says whether a run showed it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from errors import UserError
+
+STAGES_KEYS = (
+    "model", "schedule", "semantic_end", "structure_end", "refinement_start", "ranks", "rule", "curves",
+    "num_prompts", "code_version",
+)
+
+
+@dataclass(frozen=True)
+class StageRule:
+    semantic_tolerance: float = 0.1  # share of a semantic curve's span it may still move after settling
+    structure_tolerance: float = 0.1
+
+    def __post_init__(self) -> None:
+        for key in ("semantic_tolerance", "structure_tolerance"):
+            value = getattr(self, key)
+            if not 0 <= value < 1:
+                raise UserError(f"stages.{key}={value} must be in [0, 1): a share of each curve's span")
+
+
+@dataclass(frozen=True)
+class StageBoundaries:
+    semantic_end: int
+    structure_end: int
+    refinement_start: int
+
+    @property
+    def semantics_settle_first(self) -> bool:
+        return self.semantic_end <= self.structure_end
+
+    def stage(self, scale: int) -> str:
+        """The stage a scale belongs to: semantic, structure or refinement."""
+        if scale <= self.semantic_end:
+            return "semantic"
+        return "structure" if scale < self.refinement_start else "refinement"
+
+
+def settling_scale(curve: Sequence[float], tolerance: float) -> int:
+    """The first scale from which the curve stays within tolerance * span of its final value."""
+    values = np.asarray(curve, dtype=float)
+    if values.ndim != 1 or len(values) == 0 or not np.isfinite(values).all():
+        raise ValueError(f"a curve needs one finite value per scale; got {curve}")
+    band = tolerance * (values.max() - values.min())
+    outside = np.flatnonzero(np.abs(values - values[-1]) > band)
+    return int(outside[-1]) + 1 if len(outside) else 0
+
+
+def detect_stages(
+    semantic_curves: dict[str, Sequence[float]], structural_curves: dict[str, Sequence[float]], rule: StageRule
+) -> StageBoundaries:
+    """Apply the rule to per-scale curves (each metric's mean over prompts, one value per scale)."""
+    if not semantic_curves or not structural_curves:
+        raise ValueError("stage detection needs at least one semantic and one structural curve")
+    semantic_end = max(settling_scale(curve, rule.semantic_tolerance) for curve in semantic_curves.values())
+    structure_end = max(settling_scale(curve, rule.structure_tolerance) for curve in structural_curves.values())
+    return StageBoundaries(semantic_end, structure_end, max(semantic_end, structure_end) + 1)
+
+
+def write_stages(
+    path: Path,
+    *,
+    model: str,
+    schedule: Sequence[Sequence[int]],
+    boundaries: StageBoundaries,
+    ranks: dict,
+    rule: StageRule,
+    semantic_curves: dict[str, Sequence[float]],
+    structural_curves: dict[str, Sequence[float]],
+    num_prompts: int,
+    code_version: str,
+) -> dict:
+    """Write stages.json (the schema `load_stages` reads) and return what was written."""
+    stages = {
+        "model": model,
+        "schedule": [list(grid) for grid in schedule],
+        "semantic_end": boundaries.semantic_end,
+        "structure_end": boundaries.structure_end,
+        "refinement_start": boundaries.refinement_start,
+        "ranks": ranks,
+        "rule": {
+            **asdict(rule), "semantic_metrics": list(semantic_curves), "structural_metrics": list(structural_curves)
+        },
+        "curves": {name: [float(v) for v in curve] for name, curve in {**semantic_curves, **structural_curves}.items()},
+        "num_prompts": num_prompts,
+        "code_version": code_version,
+    }
+    Path(path).write_text(json.dumps(stages, indent=1) + "\n")
+    return stages
+
+
+def load_stages(path: str | Path, model_name: str, schedule: Sequence[Sequence[int]]) -> dict:
+    """Read a stages.json and check it was made for this model and schedule."""
+    path = Path(path)
+    probe_it = f"make one with `python run.py experiment=stage_probe model={model_name}`"
+    if not path.is_file():
+        raise UserError(f"stages file {path} does not exist; {probe_it}")
+    try:
+        stages = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"stages file {path} is not valid JSON ({error}); {probe_it}") from None
+    missing = [key for key in STAGES_KEYS if key not in stages]
+    if missing:
+        raise UserError(f"stages file {path} lacks {', '.join(missing)}; {probe_it}")
+    wanted_schedule = [list(grid) for grid in schedule]
+    if stages["model"] != model_name or stages["schedule"] != wanted_schedule:
+        raise UserError(
+            f"stages file {path} was made for model {stages['model']!r} with schedule {stages['schedule']}, "
+            f"but this run uses {model_name!r} with {wanted_schedule}; {probe_it}"
+        )
+    num_scales = len(wanted_schedule)
+    if not 0 <= stages["refinement_start"] <= num_scales or len(stages["ranks"]["per_scale"]) != num_scales:
+        raise UserError(f"stages file {path} does not fit its {num_scales}-scale schedule; {probe_it}")
+    return stages

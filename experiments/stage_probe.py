@@ -1,0 +1,184 @@
+"""stage_probe: what each scale contributes, and where the semantic, structure and refinement stages begin.
+
+Each prompt batch is generated once by the one sampler with a ScaleTrace observer (analysis/probe.py), then
+measured and dropped. The run folder holds everything the notebook needs to redraw the figures:
+    results.jsonl    one row per prompt and scale: metrics vs the final image or prompt, band changes, ranks
+    stages.json      boundaries, ranks r_k, the curves they were decided on (analysis/stages.py)
+    spectra.json     mean power spectra and singular-value energies per scale, and the probe's settings
+    images/strip/    partial images of the first probe.strip_prompts prompts
+    figures/         the paper's Fig. 1 panels, the strip, power and singular-value spectra, rank fractions
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from accel.sampler import generate
+from analysis.metrics import Metric, build_metrics, missing_files
+from analysis.plots import load_probe_run, probe_figures
+from analysis.probe import ProbeConfig, RankChoice, RunningMeans, ScaleTrace, measure, rank_summary
+from analysis.rows import INPUTS, scale_means
+from analysis.spectra import band_labels
+from analysis.stages import StageRule, detect_stages, write_stages
+from errors import UserError
+from evals.prompts import load_prompts
+from experiments.generate import sampling_config
+from experiments.recorder import RunRecorder
+from models.pipeline import build_model, missing_model_files
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
+    probe = ProbeConfig(**OmegaConf.to_container(cfg.probe, resolve=True))
+    rule = StageRule(**cfg.stages.rule)
+    rank_choice = RankChoice(**cfg.stages.ranks)
+    if rank_choice.energy not in probe.rank_energies:
+        raise UserError(
+            f"stages.ranks.energy={rank_choice.energy} must be one of probe.rank_energies={list(probe.rank_energies)}"
+        )
+    prompts = spread(load_prompts(cfg.prompts), probe.num_prompts)
+    metrics = applicable_metrics(build_metrics(cfg.metrics, cfg.device), prompts)
+    require_files(cfg.model, metrics)
+
+    model = build_model(cfg.model, cfg.device)
+    blocks = probe.blocks(model.transformer.config.depth)
+    if rank_choice.source not in [INPUTS] + [f"block{b}" for b in blocks]:
+        raise UserError(f"stages.ranks.source={rank_choice.source!r}: use {INPUTS} or block<i> for i in {blocks}")
+    sampling = sampling_config(cfg.model)
+    log.info("%s: probing %d prompts with %s", cfg.model.name, len(prompts), ", ".join(metrics))
+
+    rows, spectra = [], RunningMeans()
+    batches = range(0, len(prompts), probe.batch_size)
+    for batch_index, start in enumerate(tqdm(batches, desc=f"stage probe ({probe.batch_size} per batch)")):
+        batch = prompts[start : start + probe.batch_size]
+        trace = ScaleTrace(model.vae, blocks)
+        texts = [p["prompt"] for p in batch]
+        generate(model, texts, sampling, seed=cfg.seed + batch_index, observers=[trace], decode=False)
+        for row in measure(trace, batch, metrics, probe, spectra):
+            recorder.log(row)
+            rows.append(row)
+        save_strip(recorder, trace, batch, first_position=start, strip_prompts=probe.strip_prompts)
+
+    schedule = model.schedule
+    curves = {name: scale_means(rows, name, len(schedule)) for name in metrics}
+    semantic = {name: curve for name, curve in curves.items() if metrics[name].kind == "semantic"}
+    structural = {name: curve for name, curve in curves.items() if metrics[name].kind == "structural"}
+    boundaries = detect_stages(semantic, structural, rule)
+    ranks = rank_summary(rows, rank_choice, schedule)
+    stages = write_stages(
+        recorder.run_dir / "stages.json", model=cfg.model.name, schedule=schedule, boundaries=boundaries,
+        ranks=ranks, rule=rule, semantic_curves=semantic, structural_curves=structural,
+        num_prompts=len(prompts), code_version=code_version(),
+    )
+    write_spectra(recorder.run_dir / "spectra.json", spectra, probe, blocks, len(schedule), model.image_size)
+    for name, figure in probe_figures(load_probe_run(recorder.run_dir)).items():
+        recorder.save_figure(figure, name)
+
+    table = recorder.log_table(
+        "stages",
+        ["scale", "grid", "stage", "rank r_k", "r_k / M"] + list(curves),
+        [
+            [k, f"{h}x{w}", boundaries.stage(k), ranks["per_scale"][k], ranks["fraction"][k]]
+            + [curve[k] for curve in curves.values()]
+            for k, (h, w) in enumerate(schedule)
+        ],
+    )
+    log.info("stages of %s (semantic_end=%d, structure_end=%d, refinement_start=%d):\n%s", cfg.model.name,
+             boundaries.semantic_end, boundaries.structure_end, boundaries.refinement_start, table)
+    return {
+        "model": cfg.model.name,
+        "num_prompts": len(prompts),
+        "metrics": list(metrics),
+        "semantic_end": boundaries.semantic_end,
+        "structure_end": boundaries.structure_end,
+        "refinement_start": boundaries.refinement_start,
+        "semantics_settle_first": boundaries.semantics_settle_first,
+        "ranks": ranks,
+        "stages_file": str(recorder.run_dir / "stages.json"),
+        "code_version": stages["code_version"],
+    }
+
+
+def spread(prompts: list[dict], count: int) -> list[dict]:
+    """`count` prompts evenly spaced over the list (suites are sorted by category, so each one gets its share)."""
+    if count >= len(prompts):
+        return prompts
+    return [prompts[i] for i in np.linspace(0, len(prompts) - 1, count).round().astype(int)]
+
+
+def applicable_metrics(metrics: dict[str, Metric], prompts: list[dict]) -> dict[str, Metric]:
+    """Drop prompt metrics that fit none of the prompts (ShapesEval on non-shapes prompts); each stage needs one."""
+    kept = {}
+    for name, metric in metrics.items():
+        if metric.compares_with == "prompt" and not any(metric.applies_to(p) for p in prompts):
+            log.warning("metric %s left out: it applies to none of these prompts", name)
+            continue
+        kept[name] = metric
+    for kind in ("semantic", "structural"):
+        if not any(metric.kind == kind for metric in kept.values()):
+            raise UserError(
+                f"metrics.names={list(metrics)} gives no {kind} metric for these prompts, so that stage cannot be "
+                "found; add one (shapes_eval only applies to shapes-world prompts)"
+            )
+    return kept
+
+
+def require_files(model_cfg: DictConfig, metrics: dict[str, Metric]) -> None:
+    """Stop before any compute with one message naming every missing weight file, the model's and the metrics'."""
+    missing = missing_model_files(model_cfg) + missing_files(metrics)
+    if missing:
+        raise UserError(
+            "missing weight files; nothing was computed:\n  " + "\n  ".join(missing)
+            + "\nModel weights go under paths.weights_dir (or STAGEVAR_WEIGHTS_DIR); metric weights go where each "
+            "line says (see conf/metrics/full.yaml), or leave those metrics out with metrics.names=[...]."
+        )
+
+
+def save_strip(
+    recorder: RunRecorder, trace: ScaleTrace, batch: list[dict], first_position: int, strip_prompts: int
+) -> None:
+    """Keep the partial images of the run's first `strip_prompts` prompts as images/strip/<index>_scale<k>.png."""
+    for i, prompt in enumerate(batch[: max(0, strip_prompts - first_position)]):
+        names = [f"{prompt['index']:05d}_scale{k:02d}" for k in range(len(trace.partial_images))]
+        recorder.save_images([images[i].numpy() for images in trace.partial_images], names, subdir="images/strip")
+
+
+def write_spectra(
+    path: Path, spectra: RunningMeans, probe: ProbeConfig, blocks: list[int], num_scales: int,
+    image_size: tuple[int, int],
+) -> None:
+    """spectra.json: the mean power spectrum and singular-value energies per scale, and the probe's settings."""
+    sources = [INPUTS] + [f"block{b}" for b in blocks]
+    num_radii = min(image_size) // 2 + 1
+    content = {
+        "band_labels": band_labels(probe.band_edges),
+        "rank_energies": list(probe.rank_energies),
+        "rank_sources": sources,
+        "radii": [r / (min(image_size) / 2) for r in range(num_radii)],  # in units of the Nyquist frequency
+        "power_spectrum": [spectra.mean(f"power_spectrum/{k}") for k in range(num_scales)],
+        "cumulative_energy": {
+            source: [spectra.mean(f"cumulative_energy/{source}/{k}") for k in range(num_scales)] for source in sources
+        },
+    }
+    path.write_text(json.dumps(content) + "\n")
+
+
+def code_version() -> str:
+    """The git commit of the code that ran (with -dirty for uncommitted changes), or 'unknown' outside git."""
+    try:
+        result = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"

@@ -1,0 +1,142 @@
+"""experiments/stage_probe.py end to end on a small random model saved like the tiny checkpoint, the files it
+leaves, the notebook that redraws them, and the errors that stop it before any compute."""
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from nbclient import NotebookClient
+
+from analysis.plots import load_probe_run
+from analysis.ranks import aggregate_rank
+from analysis.rows import rank_key, scale_means
+from analysis.stages import load_stages, settling_scale
+from errors import UserError
+from experiments import stage_probe
+from experiments.recorder import RunRecorder
+from models.checkpoint import save_safetensors
+from models.pipeline import tiny_from_config
+from tests.test_probe import SMALL_64PX
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_PROMPTS, NUM_SCALES = 2, len(SMALL_64PX["schedule"])
+
+
+def probe_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", ["experiment=stage_probe", "logger=none", "device=cpu", *overrides])
+
+
+def run_probe(cfg, run_dir: Path) -> dict:
+    with RunRecorder(cfg, run_dir) as recorder:
+        summary = stage_probe.run(cfg, recorder)
+        recorder.finish(summary)
+    return summary
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A probe run of 2 prompts in batches of 1, with the default (offline) metrics."""
+    checkpoint = tmp_path_factory.mktemp("small_checkpoint")
+    torch.manual_seed(0)
+    model = tiny_from_config(SMALL_64PX, "tiny", torch.device("cpu"))
+    torch.nn.init.normal_(model.transformer.head.weight, std=0.5)
+    for part in ("transformer", "vae", "text_encoder"):
+        save_safetensors(getattr(model, part).state_dict(), checkpoint / f"{part}.safetensors", {})
+    (checkpoint / "config.json").write_text(json.dumps(SMALL_64PX))
+    cfg = probe_config(
+        f"model.checkpoint_dir={checkpoint}", f"probe.num_prompts={NUM_PROMPTS}", "probe.batch_size=1",
+        "probe.strip_prompts=2",
+    )
+    folder = tmp_path_factory.mktemp("run")
+    run_probe(cfg, folder)
+    return folder
+
+
+def test_the_run_folder_holds_rows_stages_and_figures(run_dir: Path):
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == NUM_PROMPTS * NUM_SCALES
+    assert all({"shapes_eval", "ssim", "ms_ssim", "gmsd", "st_lpips", rank_key("inputs", 0.95)} <= row.keys() for row in rows)
+    schedule = [(side, side) for side in SMALL_64PX["schedule"]]
+    stages = load_stages(run_dir / "stages.json", "tiny", schedule)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and stages["num_prompts"] == NUM_PROMPTS
+    for key in ("semantic_end", "structure_end", "refinement_start"):
+        assert summary[key] == stages[key]
+    assert sorted(path.stem for path in (run_dir / "figures").glob("*.png")) == sorted([
+        "fig1a_semantic_curves", "fig1b_structural_curves", "fig1c_frequency_band_changes", "partial_images",
+        "power_spectra", "singular_value_spectra", "rank_fraction",
+    ])
+    strip = load_probe_run(run_dir).strip
+    assert len(strip) == 2 and all(len(images) == NUM_SCALES for images in strip.values())  # across both batches
+
+
+def test_boundaries_follow_the_rule_on_the_curves_of_the_rows(run_dir: Path):
+    stages = json.loads((run_dir / "stages.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    rule = stages["rule"]
+    for name, curve in stages["curves"].items():
+        assert curve == pytest.approx(scale_means(rows, name, NUM_SCALES))  # decided on what the rows hold
+    semantic_end = max(settling_scale(stages["curves"][m], rule["semantic_tolerance"]) for m in rule["semantic_metrics"])
+    structure_end = max(settling_scale(stages["curves"][m], rule["structure_tolerance"]) for m in rule["structural_metrics"])
+    assert (stages["semantic_end"], stages["structure_end"]) == (semantic_end, structure_end)
+    assert stages["refinement_start"] == max(semantic_end, structure_end) + 1
+    assert rule["semantic_metrics"] == ["shapes_eval"]
+
+
+def test_the_ranks_are_the_90th_percentile_over_prompts(run_dir: Path):
+    stages = json.loads((run_dir / "stages.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    key = rank_key("inputs", 0.95)
+    expected = [aggregate_rank([row[key] for row in rows if row["scale"] == k], "p90") for k in range(NUM_SCALES)]
+    assert stages["ranks"]["per_scale"] == expected
+    assert stages["ranks"]["fraction"] == [rank / side**2 for rank, side in zip(expected, SMALL_64PX["schedule"])]
+
+
+def test_the_notebook_redraws_every_figure_from_the_run_folder(run_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("STAGE_PROBE_RUN", str(run_dir))
+    notebook = nbformat.read(REPO / "notebooks" / "stage_probe.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=120, resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert sum("image/png" in output.get("data", {}) for output in outputs) == 7
+    assert any("refinement_start=" in output.get("text", "") for output in outputs)
+
+
+def test_missing_weights_stop_the_probe_before_any_compute_naming_every_file(tmp_path: Path):
+    cfg = probe_config("model=infinity2b", "metrics=full", f"paths.weights_dir={tmp_path}", f"metrics.torch_hub_dir={tmp_path}/hub")
+    with pytest.raises(UserError) as error:
+        run_probe(cfg, tmp_path / "run")
+    message = str(error.value)
+    for file in ("infinity_2b_reg.pth", "infinity_vae_d32reg.pth", "flan-t5-xl", "open_clip_model.safetensors",
+                 "vit_base_patch14_dinov2.lvd142m/model.safetensors", "alexnet-owt-7be5be79.pth", "dists_weights.pt",
+                 "vgg16-397923af.pth"):
+        assert file in message
+    assert message.count("\n  ") == 3 + 6  # one line per missing file: the model's three, the metrics' six
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_a_missing_tiny_checkpoint_is_named_file_by_file(tmp_path: Path):
+    with pytest.raises(UserError) as error:
+        run_probe(probe_config(f"model.checkpoint_dir={tmp_path}"), tmp_path / "run")
+    for file in ("config.json", "transformer.safetensors", "vae.safetensors", "text_encoder.safetensors"):
+        assert f"model.checkpoint_dir: {tmp_path / file}" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["metrics.names=[ssim,gmsd]"], "no semantic metric"),
+        (["prompts=list", "prompts.texts=[a red cube]"], "no semantic metric"),  # shapes_eval fits no such prompt
+        (["metrics.names=[ssim,sharpness]"], "unknown metric.*valid: clip_image"),
+        (["stages.ranks.energy=0.8"], r"stages.ranks.energy=0.8 must be one of probe.rank_energies"),
+        (["stages.ranks.aggregate=median"], "stages.ranks.aggregate='median' is unknown"),
+        (["probe.num_prompts=0"], "probe.num_prompts=0"),
+        (["stages.rule.semantic_tolerance=2"], "stages.semantic_tolerance=2"),
+    ],
+)
+def test_bad_settings_are_reported_before_any_compute(tmp_path: Path, overrides: list[str], message: str):
+    with pytest.raises(UserError, match=message):
+        run_probe(probe_config(*overrides), tmp_path)
