@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from models.bsq_vae import resize_latent
-from models.infinity import KVCache, Router, run_on_all_tokens
+from models.infinity import BranchFn, KVCache, Rope, run_on_all_tokens
 from models.pipeline import TextToImageModel
 from models.schedules import Grid
 
@@ -46,6 +46,10 @@ class SamplingConfig:
 class TokenSubset(Protocol):
     """Runs the transformer on a reduced token set and restores the full grid (StageVAR's RP + RTR)."""
 
+    def num_tokens(self, grid: Grid) -> int:
+        """How many tokens `reduce` keeps at this grid (for cost accounting without running the model)."""
+        ...
+
     def reduce(self, inputs: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
         """Scale input (R, M, C) -> reduced tokens (R, r, C) and their grid positions (r,) or (R, r)."""
         ...
@@ -57,6 +61,16 @@ class TokenSubset(Protocol):
         ...
 
 
+class TokenRouter(Protocol):
+    """A `Router` (models.infinity) that also says how many tokens each branch runs on (for cost accounting)."""
+
+    def __call__(self, name: str, layer: int, x: Tensor, rope: Rope, branch: BranchFn) -> Tensor: ...
+
+    def tokens_run(self, name: str, layer: int, num_tokens: int) -> int:
+        """Tokens branch `name` of block `layer` runs on when the scale has `num_tokens` tokens."""
+        ...
+
+
 @dataclass
 class ScalePlan:
     """What the sampler runs at one scale."""
@@ -64,7 +78,7 @@ class ScalePlan:
     branches: Branches = "both"  # CFG rows to run; once a branch is dropped it stays dropped
     skip: bool = False  # no transformer pass: the scale adds nothing to the latent
     token_subset: TokenSubset | None = None
-    router: Router | None = None  # per-sublayer token routing (FastVAR)
+    router: TokenRouter | None = None  # per-sublayer token routing (FastVAR)
 
 
 class Policy(Protocol):
