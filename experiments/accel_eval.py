@@ -1,0 +1,18 @@
+"""accel_eval: one acceleration policy (cfg.accel) against the baseline, on the same prompts and seeds.
+
+Speed (interleaved wall-clock median, peak memory, analytic MACs) and quality (ShapesEval or the GenEval layout,
+CLIP score when its weights exist, per-image metrics and FID against the baseline) as experiments/accel_common.py
+describes; one table row per method, a Pareto figure and a sample grid.
+"""
+
+from omegaconf import DictConfig
+
+from errors import UserError
+from experiments.accel_common import Method, compare_methods
+from experiments.recorder import RunRecorder
+
+
+def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
+    if cfg.accel.name == "none":
+        raise UserError("accel=none is the baseline itself; choose a policy to evaluate, e.g. accel=stagevar")
+    return compare_methods(cfg, recorder, [Method(cfg.accel.name, cfg.accel)], "accel_eval")

@@ -1,0 +1,212 @@
+"""The acceleration experiments: timing core, FID, Pareto front, and accel_compare / benchmark
+end to end on a small random checkpoint, through run.py in this process."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from unittest.mock import patch
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from hydra import compose, initialize_config_dir
+
+import run
+from errors import UserError
+from evals.shapes_world import VOCABULARY
+from experiments import accel_eval
+from experiments.accel_common import (
+    InceptionFeatures,
+    ParetoPoint,
+    PeakMemory,
+    accel_option,
+    frechet_distance,
+    methods_from,
+    pareto_front,
+    time_interleaved,
+)
+from experiments.benchmark import infinity_2b_macs
+from experiments.recorder import RunRecorder
+from models.checkpoint import save_safetensors
+from models.pipeline import tiny_from_config
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+SMALL = {  # 32 x 32 images in 4 scales
+    "schedule": [1, 2, 4, 8],
+    "transformer": {"depth": 2, "embed_dim": 32, "num_heads": 2, "text_channels": 16, "text_maxlen": 16,
+                    "bits_per_token": 4, "block_chunks": 1},
+    "vae": {"codebook_dim": 4, "base_ch": 8, "ch_mult": [1, 2, 2], "encoder_blocks": 1, "decoder_blocks": 1,
+            "norm_groups": 4},
+    "text_encoder": {"width": 16, "depth": 1, "heads": 2, "max_length": 16},
+    "vocabulary": VOCABULARY,
+}
+
+
+def write_small_checkpoint(folder: Path) -> Path:
+    """A random model in the tiny checkpoint layout, for model.checkpoint_dir."""
+    torch.manual_seed(0)
+    model = tiny_from_config(SMALL, "small", torch.device("cpu"))
+    model.transformer.init_weights()
+    for part in ("transformer", "vae", "text_encoder"):
+        save_safetensors(getattr(model, part).state_dict(), folder / f"{part}.safetensors", {})
+    (folder / "config.json").write_text(json.dumps(SMALL))
+    return folder
+
+
+def quick_overrides(checkpoint: Path, output_root: Path) -> list[str]:
+    """Four prompts, two per batch, one cheap metric: seconds per experiment."""
+    return [f"model.checkpoint_dir={checkpoint}", f"paths.output_root={output_root}", "model.batch_size=2",
+            "prompts.limit=4", "metrics.names=[ssim]", "logger=none"]
+
+
+def run_py(*arguments: str) -> None:
+    """`python run.py <arguments>` in this process (torch is loaded already), on one thread.
+
+    One thread: small models run faster on it, and do not fight the other tests for the cores.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    main_module = {"HYDRA_MAIN_MODULE": "__main__"}  # Hydra finds conf/ beside run.py only when it is __main__
+    try:
+        with patch.object(sys, "argv", ["run.py", *arguments]), patch.dict(os.environ, main_module):
+            run.main()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_small_checkpoint(tmp_path_factory.mktemp("small_checkpoint"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def test_timing_interleaves_repeats_after_warm_up_and_reports_medians():
+    calls = []
+
+    def method(name: str, seconds: float, outlier_call: int = 0):
+        def call():
+            calls.append(name)
+            time.sleep(seconds + (0.3 if calls.count(name) == outlier_call else 0))
+        return call
+
+    # "slow" has an outlier on its first timed call (its second call: one warm-up round comes first).
+    methods = {"slow": method("slow", 0.03, outlier_call=2), "fast": method("fast", 0.005)}
+    timings = time_interleaved(methods, repeats=5, warmup=1, device=torch.device("cpu"))
+    assert calls == ["slow", "fast"] * 6  # one warm-up round, then 5 timed rounds in turn
+    slow, fast = timings["slow"], timings["fast"]
+    assert len(slow.seconds) == len(fast.seconds) == 5
+    assert slow.seconds[0] >= 0.3 and slow.median < 0.2  # the median ignores the one outlier
+    assert 0.005 <= fast.median < slow.median
+    assert slow.peak_memory_mib > 0
+
+
+def test_timing_refuses_fewer_than_five_repeats():
+    with pytest.raises(UserError, match="at least 5 repeats"):
+        time_interleaved({"a": lambda: None}, repeats=4, warmup=1, device=torch.device("cpu"))
+
+
+def test_peak_memory_sees_what_a_call_allocates():
+    with PeakMemory(torch.device("cpu")) as idle:
+        pass
+    with PeakMemory(torch.device("cpu")) as busy:
+        np.ones(200 * 2**20 // 8).sum()  # 200 MiB, freed before the block ends
+    assert busy.mib - idle.mib > 150
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FID, methods, Pareto front
+
+
+def test_frechet_distance_equals_the_matrix_square_root_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 6)), rng.normal(0.5, 2.0, size=(30, 6))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covariance_term = np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + covariance_term
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(a[:1], b)
+
+
+def test_inception_features_run_offline():
+    images = [np.zeros((32, 32, 3), np.uint8), np.full((48, 48, 3), 200, np.uint8)]
+    features = InceptionFeatures(torch.device("cpu"))(images)
+    assert features.shape == (2, 2048) and np.isfinite(features).all()
+    assert not np.allclose(features[0], features[1])
+
+
+def test_accel_options_change_keys_and_reject_unknown_ones():
+    assert accel_option("stagevar", {"rank_ratio": 0.1}).rank_ratio == 0.1
+    with pytest.raises(UserError, match="has no key 'rank_ration'"):
+        accel_option("stagevar", {"rank_ration": 0.1})
+    with pytest.raises(UserError, match="does not exist; choose one of .*stagevar"):
+        accel_option("stagevarr")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", ["experiment=accel_compare"])
+    labels = [method.label for method in methods_from(cfg.accel_compare.methods)]
+    assert {"cfg_drop", "stagevar", "fastvar", "skipvar"} <= set(labels)
+
+
+def test_evaluating_the_baseline_against_itself_is_a_user_error(tmp_path: Path):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", ["experiment=accel_eval", "accel=none", "logger=none"])
+    with RunRecorder(cfg, tmp_path) as recorder, pytest.raises(UserError, match="accel=none is the baseline"):
+        accel_eval.run(cfg, recorder)
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
+    points = [ParetoPoint("base", 1.0, 0.80), ParetoPoint("a", 2.0, 0.80), ParetoPoint("b", 3.0, 0.70),
+              ParetoPoint("c", 2.5, 0.60), ParetoPoint("d", 1.5, 0.85)]
+    assert [p.label for p in pareto_front(points, higher_is_better=True)] == ["d", "a", "b"]
+    assert [p.label for p in pareto_front(points, higher_is_better=False)] == ["c", "b"]  # e.g. a distance
+
+
+def test_analytic_infinity_2b_speedups_follow_what_each_method_leaves_out():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", ["experiment=benchmark"])
+    rows = infinity_2b_macs(methods_from(cfg.benchmark.methods), cfg.benchmark.infinity_2b)
+    rows = {row["method"]: row for row in rows}
+    assert rows["baseline"]["mac_speedup"] == 1.0
+    # Dropping CFG halves the refinement scales, which hold most of the compute; low rank halves it again and more.
+    assert 1.5 < rows["cfg_drop"]["mac_speedup"] < 2.0 < rows["stagevar"]["mac_speedup"]
+    assert all(row["mac_speedup"] > 1 for name, row in rows.items() if name != "baseline")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end through run.py
+
+
+def test_accel_compare_tabulates_every_method_against_the_baseline(checkpoint: Path, tmp_path: Path):
+    run_py("experiment=accel_compare", *quick_overrides(checkpoint, tmp_path), "accel_compare.fid=false",
+           "accel_compare.methods=[{label: stagevar, accel: stagevar},"
+           " {label: skipvar, accel: skipvar, overrides: {skip_last: 2}}]")
+    (run_dir,) = (tmp_path / "accel_compare").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete"
+    methods = {row["method"]: row for row in summary["methods"]}
+    assert list(methods) == ["baseline", "stagevar", "skipvar"]
+    assert methods["baseline"]["speedup"] == 1.0 and methods["skipvar"]["accel"]["skip_last"] == 2
+    for row in methods.values():
+        assert row["latency_s"] > 0 and row["mac_speedup"] >= 1 and 0 <= row["shapes_eval"] <= 1
+    assert methods["baseline"]["ssim"] == pytest.approx(1) and 0 < methods["skipvar"]["ssim"] < 1  # vs the baseline
+
+    table = (run_dir / "tables" / "accel_compare.csv").read_text().splitlines()
+    assert table[0].startswith("method,latency (s),speedup,MAC speedup")
+    assert [line.split(",")[0] for line in table[1:]] == ["baseline", "stagevar", "skipvar"]
+    rows = read_rows(run_dir)
+    assert sum(row["kind"] == "timing" for row in rows) == 3 * 5  # every method, every timed repeat
+    assert {(row["method"], row["index"]) for row in rows if row["kind"] == "image"} == {
+        (method, index) for method in methods for index in range(4)
+    }
+    assert (run_dir / "figures" / "pareto.png").is_file() and (run_dir / "figures" / "samples.png").is_file()
