@@ -25,12 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from tqdm import tqdm
 
 from accel.sampler import SamplingConfig, generate, to_uint8
 from errors import UserError
 from evals.shapes_eval import evaluate, load_suite
-from evals.shapes_world import VOCABULARY, render, sample_batch
+from evals.shapes_world import BACKGROUND_SATURATION_MAX, VOCABULARY, render, sample_batch
 from experiments.recorder import RunRecorder
 from models.checkpoint import save_safetensors
 from models.pipeline import REPO_ROOT, TextToImageModel, tiny_from_config
@@ -58,6 +59,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         state = load_state(Path(train.resume) / STATE_FILE, model, optimizers)
         log.info("resumed from %s at %s", train.resume, state)
 
+    check_curriculum(train.transformer.curriculum, len(model.schedule))
     phases = {"vae": (train.vae, vae_step), "transformer": (train.transformer, transformer_step)}
     for phase, (phase_cfg, step_fn) in phases.items():
         modules = [model.vae] if phase == "vae" else [model.transformer, model.text_encoder]
@@ -67,8 +69,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         for step in bar:
             started = time.perf_counter()
             set_learning_rate(optimizers[phase], phase_cfg, step)
-            images, captions, _ = sample_batch(phase_cfg.batch_size, seed=hash_seed(cfg.seed, phase, step))
-            losses = step_fn(model, images, captions, phase_cfg)
+            losses = step_fn(model, phase_cfg, step, seed=hash_seed(cfg.seed, phase, step))
             optimizers[phase].zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], phase_cfg.grad_clip)
@@ -117,37 +118,69 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, phase_cfg: DictConfig, s
 # Losses
 
 
-def vae_step(model: TextToImageModel, images: torch.Tensor, captions: list[str], phase_cfg: DictConfig) -> dict:
-    """Reconstruction through the multi-scale quantiser with straight-through gradients, plus commitment."""
+def vae_step(model: TextToImageModel, phase_cfg: DictConfig, step: int, seed: int) -> dict:
+    """Reconstruction through the multi-scale quantiser with straight-through gradients, plus commitment.
+
+    The pixel loss weighs object pixels (and a 2-pixel band around them) `object_weight` times more than the
+    background: a blurred corner turns a diamond into a circle for ShapesEval, a blurred background texture
+    costs nothing, and a small decoder cannot afford to spend its capacity evenly.
+    """
+    images, _, _ = sample_batch(phase_cfg.batch_size, seed=seed)
     vae = model.vae
     latent = vae.encode(images)
     quantized, _ = vae.quantize(latent, model.schedule)
     straight_through = latent + (quantized - latent).detach()
     reconstruction = vae.decoder(straight_through)
-    mse = F.mse_loss(reconstruction, images)
-    l1 = F.l1_loss(reconstruction, images)
+    weights = 1 + (phase_cfg.object_weight - 1) * object_mask(images)
+    error = reconstruction - images
+    mse = (weights * error.square()).mean() / weights.mean()
+    l1 = (weights * error.abs()).mean() / weights.mean()
     commitment = F.mse_loss(latent, quantized.detach())
     return {"loss": mse + l1 + phase_cfg.commitment * commitment, "mse": mse, "l1": l1, "commitment": commitment}
 
 
-def transformer_step(model: TextToImageModel, images: torch.Tensor, captions: list[str], phase_cfg: DictConfig) -> dict:
-    """Teacher-forced bitwise cross-entropy over every token of every scale."""
+def object_mask(images: Tensor) -> Tensor:
+    """(B, 1, H, W) 1 on and within 2 pixels of the world's objects: they are the saturated pixels (chroma
+    above the background's maximum, see evals/shapes_world.py), images in [-1, 1]."""
+    rgb = (images + 1) / 2
+    chroma = rgb.amax(dim=1, keepdim=True) - rgb.amin(dim=1, keepdim=True)
+    objects = (chroma > BACKGROUND_SATURATION_MAX + 0.05).float()
+    return F.max_pool2d(objects, kernel_size=5, stride=1, padding=2)
+
+
+def transformer_step(model: TextToImageModel, phase_cfg: DictConfig, step: int, seed: int) -> dict:
+    """Teacher-forced bitwise cross-entropy over every token of the first `scales` scales of the curriculum
+    entry for this step (all scales when `scales` is null)."""
+    entry = phase_cfg.curriculum[step % len(phase_cfg.curriculum)]
+    images, captions, _ = sample_batch(entry.batch_size, seed=seed)
     transformer, vae = model.transformer, model.vae
+    schedule = model.schedule[: entry.scales or len(model.schedule)]
+    num_tokens = sum(h * w for h, w in schedule)
     with torch.no_grad():
         _, bits = vae.quantize(vae.encode(images), model.schedule)
-        scale_inputs = vae.teacher_forcing_inputs(bits, model.schedule)
+        # A prefix of the scales is a complete block-causal sample: its inputs are a prefix of the full ones.
+        scale_inputs = vae.teacher_forcing_inputs(bits, model.schedule)[:, : num_tokens - 1]
     tokens = model.text_encoder.encode(captions)
     features, lengths = tokens.features, tokens.lengths
     dropped = torch.rand(len(captions)) < phase_cfg.cond_drop  # learn the null text for CFG
     features = torch.where(dropped[:, None, None], transformer.null_text(lengths, features.shape[1]), features)
     text = transformer.encode_text(features, lengths, with_null=False)
-    logits = transformer(scale_inputs, text, model.schedule, model.rope_grid)
-    labels = torch.cat([b.flatten(1, 2) for b in bits], dim=1)  # (B, L, bits)
+    logits = transformer(scale_inputs, text, schedule, model.rope_grid)
+    labels = torch.cat([b.flatten(1, 2) for b in bits[: len(schedule)]], dim=1)  # (B, L, bits)
     per_bit = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none").view(labels.shape)
-    loss = (per_bit.mean(dim=(0, 2)) * token_weights(model.schedule)).sum()
+    loss = (per_bit.mean(dim=(0, 2)) * token_weights(schedule)).sum()
     with torch.no_grad():
         accuracy = (logits.reshape(*labels.shape, 2).argmax(-1) == labels).float().mean()
     return {"loss": loss, "bit_accuracy": accuracy}
+
+
+def check_curriculum(curriculum: list, num_scales: int) -> None:
+    for entry in curriculum:
+        if entry.batch_size < 1 or not (entry.scales is None or 1 <= entry.scales <= num_scales):
+            raise UserError(
+                f"train.transformer.curriculum entry {dict(entry)}: batch_size must be >= 1 and scales null "
+                f"(all) or 1..{num_scales} (the schedule's length)"
+            )
 
 
 def token_weights(schedule: list[tuple[int, int]]) -> torch.Tensor:

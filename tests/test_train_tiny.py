@@ -20,7 +20,7 @@ SMALL_ARCH = [
     " norm_groups: 4}",
     "train.arch.text_encoder={width: 16, depth: 1, heads: 2, max_length: 16}",
     "train.vae.batch_size=2",
-    "train.transformer.batch_size=2",
+    "train.transformer.curriculum=[{scales: 2, batch_size: 3}, {scales: null, batch_size: 2}]",
     "train.log_every=1",
     "train.checkpoint_every=1",
     "logger=none",
