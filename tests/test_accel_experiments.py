@@ -1,6 +1,7 @@
-"""The acceleration experiments: timing core, FID, Pareto front, and accel_compare / benchmark
+"""The acceleration experiments: timing core, FID, Pareto front, and accel_compare / rank_sweep / benchmark
 end to end on a small random checkpoint, through run.py in this process."""
 
+import csv
 import json
 import os
 import sys
@@ -210,3 +211,45 @@ def test_accel_compare_tabulates_every_method_against_the_baseline(checkpoint: P
         (method, index) for method in methods for index in range(4)
     }
     assert (run_dir / "figures" / "pareto.png").is_file() and (run_dir / "figures" / "samples.png").is_file()
+
+
+def sweep_jobs(sweep_dir: Path) -> dict[float, Path]:
+    """Job folders of a sweep by rank ratio (a folder is named by its overrides, paths included)."""
+    summaries = {path.parent: json.loads(path.read_text()) for path in sweep_dir.rglob("summary.json")}
+    return {summary["methods"][1]["accel"]["rank_ratio"]: folder for folder, summary in summaries.items()}
+
+
+def test_a_relaunched_sweep_runs_only_what_is_missing_and_aggregates_every_job(checkpoint: Path, tmp_path: Path):
+    sweep = ["experiment=rank_sweep", *quick_overrides(checkpoint, tmp_path), "accel_eval.fid=false",
+             "rank_sweep.name=test"]
+    run_py("-m", *sweep, "accel.rank_ratio=0.25,0.5")
+    sweep_dir = tmp_path / "rank_sweep" / "test"
+    finished, failed = sweep_jobs(sweep_dir)[0.5], sweep_jobs(sweep_dir)[0.25]
+    rows_before = read_rows(finished)
+    summary = json.loads((failed / "summary.json").read_text())
+    (failed / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
+    with (failed / "results.jsonl").open("a") as results:
+        results.write('{"kind": "left over"}\n')
+
+    run_py("-m", *sweep, "accel.rank_ratio=0.25,0.5,0.75")
+    jobs = sweep_jobs(sweep_dir)
+    assert sorted(jobs) == [0.25, 0.5, 0.75] and jobs[0.5] == finished
+    assert read_rows(finished) == rows_before  # kept, not run again
+    assert json.loads((failed / "summary.json").read_text())["status"] == "complete"  # run again, from scratch
+    assert {"kind": "left over"} not in read_rows(failed)
+
+    run_py("experiment=rank_sweep", f"paths.output_root={tmp_path}", "rank_sweep.name=test",
+           "rank_sweep.aggregate=true", "logger=none")
+    (aggregate_dir,) = [path.parent for path in (tmp_path / "rank_sweep").glob("*/summary.json")]
+    summary = json.loads((aggregate_dir / "summary.json").read_text())
+    assert [job["rank_ratio"] for job in summary["jobs"]] == [0.25, 0.5, 0.75]
+    with (aggregate_dir / "tables" / "rank_sweep.csv").open() as table:
+        labels = [row[0] for row in csv.reader(table)][1:]
+    assert labels == ["baseline"] + [f"r/M={r} from scale -3" for r in (0.25, 0.5, 0.75)]
+    assert (aggregate_dir / "figures" / "pareto.png").is_file()
+
+
+def test_aggregating_an_empty_sweep_says_how_to_run_it(tmp_path: Path):
+    with pytest.raises(SystemExit) as exit_info:
+        run_py("experiment=rank_sweep", f"paths.output_root={tmp_path}", "rank_sweep.aggregate=true", "logger=none")
+    assert exit_info.value.code == 2
