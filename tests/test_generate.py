@@ -1,0 +1,20 @@
+"""generate on the ShapesEval suite: images, the ShapesEval table and FID against ground-truth renders."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from test_accel_experiments import quick_overrides, run_py, write_small_checkpoint
+
+
+def test_generate_scores_the_suite_and_takes_fid_against_the_world(tmp_path: Path):
+    quick = quick_overrides(write_small_checkpoint(tmp_path / "checkpoint"), tmp_path)
+    run_py("experiment=generate", *quick)
+    (run_dir,) = [path.parent for path in (tmp_path / "generate").glob("*/summary.json")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["num_images"] == 4
+    assert set(summary["shapes_eval"]["per_category"]) <= {"single_object", "two_object", "counting", "colors",
+                                                           "position", "color_attr"}
+    assert np.isfinite(summary["fid_vs_world"]) and summary["fid_vs_world"] > 0  # random weights draw no world
+    assert len(list((run_dir / "images").glob("*.png"))) == 4
