@@ -150,6 +150,8 @@ def shape_signatures() -> np.ndarray:
 
 
 def _classify_shape(region: np.ndarray, config: ShapesEvalConfig) -> tuple[str, float] | None:
+    if min(region.shape) < 2:  # a one-pixel line is no shape (and has no spread across it to measure)
+        return None
     distances = np.linalg.norm((_signature(region) - shape_signatures()) / SIGNATURE_TOLERANCE, axis=1)
     nearest, runner_up = np.argsort(distances)[:2]
     if distances[nearest] > config.max_signature_distance:

@@ -158,3 +158,10 @@ def test_prompts_outside_the_world_are_refused():
     dog = _prompt("single_object", {"class": "dog", "count": 1})
     with pytest.raises(UserError, match="'dog'"):
         score_image(_canvas(), dog)
+
+
+def test_a_one_pixel_line_is_no_shape(recwarn):
+    image = _canvas()
+    image[30, 10:50] = (255, 0, 0)  # 40 red pixels in a row: above the speck size, but no shape
+    assert detect_objects(image) == []
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
