@@ -1,22 +1,17 @@
-"""The acceleration experiments: timing core, FID, Pareto front, and accel_compare / rank_sweep / benchmark
+"""The acceleration experiments: timing core, Pareto front, and accel_compare / rank_sweep / benchmark
 end to end on a small random checkpoint, through run.py in this process."""
 
 import csv
 import json
-import os
-import sys
 import time
 from pathlib import Path
-from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import run
 from errors import UserError
-from evals.shapes_world import VOCABULARY
 from experiments import accel_eval
 from experiments.accel_common import (
     ParetoPoint,
@@ -28,55 +23,10 @@ from experiments.accel_common import (
 )
 from experiments.benchmark import infinity_2b_macs
 from experiments.recorder import RunRecorder
-from models.checkpoint import save_safetensors
-from models.pipeline import tiny_from_config
+
+from helpers import quick_overrides, read_rows, run_py, write_small_checkpoint
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-SMALL = {  # 32 x 32 images in 4 scales
-    "schedule": [1, 2, 4, 8],
-    "transformer": {"depth": 2, "embed_dim": 32, "num_heads": 2, "text_channels": 16, "text_maxlen": 16,
-                    "bits_per_token": 4, "block_chunks": 1},
-    "vae": {"codebook_dim": 4, "base_ch": 8, "ch_mult": [1, 2, 2], "encoder_blocks": 1, "decoder_blocks": 1,
-            "norm_groups": 4},
-    "text_encoder": {"width": 16, "depth": 1, "heads": 2, "max_length": 16},
-    "vocabulary": VOCABULARY,
-}
-
-
-def write_small_checkpoint(folder: Path) -> Path:
-    """A random model in the tiny checkpoint layout, for model.checkpoint_dir."""
-    torch.manual_seed(0)
-    model = tiny_from_config(SMALL, "small", torch.device("cpu"))
-    model.transformer.init_weights()
-    for part in ("transformer", "vae", "text_encoder"):
-        save_safetensors(getattr(model, part).state_dict(), folder / f"{part}.safetensors", {})
-    (folder / "config.json").write_text(json.dumps(SMALL))
-    return folder
-
-
-def quick_overrides(checkpoint: Path, output_root: Path) -> list[str]:
-    """Four prompts, two per batch, one cheap metric: seconds per experiment."""
-    return [f"model.checkpoint_dir={checkpoint}", f"paths.output_root={output_root}", "model.batch_size=2",
-            "prompts.limit=4", "metrics.names=[ssim]", "logger=none"]
-
-
-def run_py(*arguments: str) -> None:
-    """`python run.py <arguments>` in this process (torch is loaded already), on one thread.
-
-    One thread: small models run faster on it, and do not fight the other tests for the cores.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    main_module = {"HYDRA_MAIN_MODULE": "__main__"}  # Hydra finds conf/ beside run.py only when it is __main__
-    try:
-        with patch.object(sys, "argv", ["run.py", *arguments]), patch.dict(os.environ, main_module):
-            run.main()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

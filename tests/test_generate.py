@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from test_accel_experiments import quick_overrides, run_py, write_small_checkpoint
+from helpers import quick_overrides, run_py, write_small_checkpoint
 
 
 def test_generate_scores_the_suite_and_takes_fid_against_the_world(tmp_path: Path):

@@ -11,29 +11,23 @@ from torch.utils.flop_counter import FlopCounterMode
 from accel.macs import count_macs
 from accel.policies import ModelSpec, build_policy
 from accel.sampler import SamplingConfig, generate
-from evals.shapes_world import VOCABULARY
 from models.infinity import InfinityConfig
-from models.pipeline import TextToImageModel, tiny_from_config
+from models.pipeline import TextToImageModel
 from models.schedules import infinity_schedule
+
+from helpers import small_config, small_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "accel"
 # Odd sizes on purpose: 3 heads, an FFN narrower than 4x, a non-square grid, prompts of different lengths.
-SMALL = {
-    "schedule": [[1, 1], [2, 2], [3, 4], [5, 6], [6, 8]],
-    "transformer": {"depth": 3, "embed_dim": 48, "num_heads": 3, "text_channels": 32, "text_maxlen": 16,
-                    "bits_per_token": 8, "block_chunks": 1, "mlp_ratio": 2.0},
-    "vae": {"codebook_dim": 8, "base_ch": 16, "ch_mult": [1, 2], "encoder_blocks": 1, "decoder_blocks": 1,
-            "norm_groups": 8},
-    "text_encoder": {"width": 32, "depth": 1, "heads": 2, "max_length": 16},
-    "vocabulary": VOCABULARY,
-}
+SMALL = small_config(
+    [[1, 1], [2, 2], [3, 4], [5, 6], [6, 8]], depth=3, embed_dim=48, num_heads=3, mlp_ratio=2.0,
+)
 PROMPTS = ["a photo of a red circle", "two blue squares", "a green triangle left of a yellow star"]
 
 
 @pytest.fixture(scope="module")
 def model() -> TextToImageModel:
-    torch.manual_seed(0)
-    return tiny_from_config(SMALL, "small", torch.device("cpu"))
+    return small_model(SMALL, confident=False)
 
 
 def counted_flops(model: TextToImageModel, policy, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[list[int]]]:

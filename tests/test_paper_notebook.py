@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from test_accel_experiments import quick_overrides, run_py, write_small_checkpoint
+from helpers import quick_overrides, run_py, write_small_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,32 +13,21 @@ from accel.sampler import Generation, SamplingConfig, generate
 from accel.stagevar import dither_order
 from analysis.stages import StageBoundaries, StageRule, write_stages
 from errors import UserError
-from evals.shapes_world import VOCABULARY
-from models.pipeline import TextToImageModel, tiny_from_config
+from models.pipeline import TextToImageModel
 from models.schedules import infinity_schedule
+
+from helpers import ScaleRecorder, small_config, small_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "accel"
 SCHEDULE = [1, 2, 4, 6, 8]
 SIZES = [side * side for side in SCHEDULE]
-SMALL = {
-    "schedule": SCHEDULE,
-    "transformer": {"depth": 4, "embed_dim": 64, "num_heads": 4, "text_channels": 32, "text_maxlen": 16,
-                    "bits_per_token": 8, "block_chunks": 1},
-    "vae": {"codebook_dim": 8, "base_ch": 16, "ch_mult": [1, 2], "encoder_blocks": 1, "decoder_blocks": 1,
-            "norm_groups": 8},
-    "text_encoder": {"width": 32, "depth": 1, "heads": 2, "max_length": 16},
-    "vocabulary": VOCABULARY,
-}
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares"]
 SAMPLING = SamplingConfig(cfg=3.0, tau=1.0)
 
 
 @pytest.fixture(scope="module")
 def model() -> TextToImageModel:
-    torch.manual_seed(0)
-    model = tiny_from_config(SMALL, "small", torch.device("cpu"))
-    torch.nn.init.normal_(model.transformer.head.weight, std=0.5)  # confident, prompt-dependent logits
-    return model
+    return small_model(small_config(SCHEDULE, depth=4))
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +40,8 @@ def policy(model, name: str, **overrides):
     return build_policy(OmegaConf.merge(OmegaConf.load(CONF / f"{name}.yaml"), overrides), model)
 
 
-class Recorder:
-    capture_blocks = ()
-
-    def __init__(self):
-        self.records = []
-
-    def on_scale(self, record):
-        self.records.append(record)
-
-
 def run(model, accel_policy, decode: bool = True) -> tuple[Generation, list]:
-    recorder = Recorder()
+    recorder = ScaleRecorder()
     result = generate(model, PROMPTS, SAMPLING, seed=0, policy=accel_policy, observers=[recorder], decode=decode)
     return result, recorder.records
 

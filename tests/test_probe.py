@@ -13,18 +13,9 @@ from analysis.ranks import aggregate_rank, energy_ranks, singular_values
 from analysis.rows import band_key, rank_key
 from analysis.spectra import band_change, band_labels, radial_power_spectrum
 from errors import UserError
-from evals.shapes_world import VOCABULARY
-from models.pipeline import tiny_from_config
 
-SMALL_64PX = {
-    "schedule": [1, 2, 4, 8, 16],
-    "transformer": {"depth": 2, "embed_dim": 64, "num_heads": 4, "text_channels": 32, "text_maxlen": 16,
-                    "bits_per_token": 8, "block_chunks": 1},
-    "vae": {"codebook_dim": 8, "base_ch": 8, "ch_mult": [1, 2, 2], "encoder_blocks": 1, "decoder_blocks": 1,
-            "norm_groups": 8},
-    "text_encoder": {"width": 32, "depth": 1, "heads": 2, "max_length": 16},
-    "vocabulary": VOCABULARY,
-}
+from helpers import small_config, small_model
+
 PROMPTS = [
     {"index": 3, "prompt": "a photo of a red circle", "tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}]},
     {"index": 7, "prompt": "a photo of two blue squares", "tag": "counting", "include": [{"class": "square", "count": 2}]},
@@ -90,21 +81,18 @@ def test_running_means_average_over_every_added_vector():
 
 
 @pytest.fixture(scope="module")
-def small_model():
-    torch.manual_seed(0)
-    model = tiny_from_config(SMALL_64PX, "small", torch.device("cpu"))
-    torch.nn.init.normal_(model.transformer.head.weight, std=0.5)
-    return model
+def model_64px():
+    return small_model(small_config([1, 2, 4, 8, 16], vae_base_ch=8, vae_ch_mult=(1, 2, 2)))
 
 
 SAMPLING = SamplingConfig(cfg=3.0, tau=1.0, top_p=0.0)
 
 
-def test_the_trace_decodes_every_scale_at_full_resolution_and_ends_at_the_final_image(small_model):
-    trace = ScaleTrace(small_model.vae, rank_blocks=[1])
-    generate(small_model, [p["prompt"] for p in PROMPTS], SAMPLING, seed=5, observers=[trace], decode=False)
-    final = generate(small_model, [p["prompt"] for p in PROMPTS], SAMPLING, seed=5).images
-    assert len(trace.partial_images) == len(small_model.schedule)
+def test_the_trace_decodes_every_scale_at_full_resolution_and_ends_at_the_final_image(model_64px):
+    trace = ScaleTrace(model_64px.vae, rank_blocks=[1])
+    generate(model_64px, [p["prompt"] for p in PROMPTS], SAMPLING, seed=5, observers=[trace], decode=False)
+    final = generate(model_64px, [p["prompt"] for p in PROMPTS], SAMPLING, seed=5).images
+    assert len(trace.partial_images) == len(model_64px.schedule)
     assert all(images.shape == (2, 64, 64, 3) for images in trace.partial_images)
     assert torch.equal(trace.partial_images[-1], final)
     assert not torch.equal(trace.partial_images[0], final)
@@ -113,9 +101,9 @@ def test_the_trace_decodes_every_scale_at_full_resolution_and_ends_at_the_final_
     assert trace.singular_values[-1]["inputs"].shape == (2, 64)  # min(M = 256 tokens, d = 64 channels)
 
 
-def test_measure_gives_one_row_per_prompt_and_scale_with_every_measurement(small_model):
-    trace = ScaleTrace(small_model.vae, rank_blocks=[0])
-    generate(small_model, [p["prompt"] for p in PROMPTS], SAMPLING, seed=5, observers=[trace], decode=False)
+def test_measure_gives_one_row_per_prompt_and_scale_with_every_measurement(model_64px):
+    trace = ScaleTrace(model_64px.vae, rank_blocks=[0])
+    generate(model_64px, [p["prompt"] for p in PROMPTS], SAMPLING, seed=5, observers=[trace], decode=False)
     config = ProbeConfig(rank_energies=[0.9, 0.99], rank_blocks=[0], band_edges=[0.3])
     spectra = RunningMeans()
     rows = measure(trace, PROMPTS, {"ssim": SSIM(), "gmsd": GMSD(), "shapes_eval": ShapesEvalPass()}, config, spectra)
@@ -131,11 +119,11 @@ def test_measure_gives_one_row_per_prompt_and_scale_with_every_measurement(small
             assert row[rank_key(source, 0.99, fraction=True)] == row[rank_key(source, 0.99)] / row["tokens"]
     assert len(spectra.mean("power_spectrum/4")) == 33 and len(spectra.mean("cumulative_energy/block0/4")) == 64
 
-    summary = rank_summary(rows, RankChoice(source="block0", energy=0.99, aggregate="p90"), small_model.schedule)
+    summary = rank_summary(rows, RankChoice(source="block0", energy=0.99, aggregate="p90"), model_64px.schedule)
     assert summary["per_scale"][0] == 1 and len(summary["per_scale"]) == 5
     assert summary["fraction"][-1] == summary["per_scale"][-1] / 256
     with pytest.raises(UserError, match="no rank was measured for source 'block1'"):
-        rank_summary(rows, RankChoice(source="block1"), small_model.schedule)
+        rank_summary(rows, RankChoice(source="block1"), model_64px.schedule)
 
 
 def test_rank_blocks_count_from_the_end_and_must_exist():

@@ -4,43 +4,21 @@ import pytest
 import torch
 
 from accel.sampler import SamplingConfig, ScalePlan, generate, sample_bits
-from evals.shapes_world import VOCABULARY
-from models.pipeline import TextToImageModel, tiny_from_config
+from models.pipeline import TextToImageModel
 
-SMALL = {
-    "schedule": [1, 2, 3, 4],
-    "transformer": {"depth": 2, "embed_dim": 64, "num_heads": 4, "text_channels": 32, "text_maxlen": 16,
-                    "bits_per_token": 8, "block_chunks": 1},
-    "vae": {"codebook_dim": 8, "base_ch": 16, "ch_mult": [1, 2], "encoder_blocks": 1, "decoder_blocks": 1,
-            "norm_groups": 8},
-    "text_encoder": {"width": 32, "depth": 1, "heads": 2, "max_length": 16},
-    "vocabulary": VOCABULARY,
-}
+from helpers import ScaleRecorder, small_config, small_model
 
 
 @pytest.fixture(scope="module")
 def model() -> TextToImageModel:
-    torch.manual_seed(0)
-    model = tiny_from_config(SMALL, "small", torch.device("cpu"))
-    torch.nn.init.normal_(model.transformer.head.weight, std=0.5)  # confident, prompt-dependent logits
-    return model
-
-
-class Recorder:
-    capture_blocks = ()
-
-    def __init__(self):
-        self.records = []
-
-    def on_scale(self, record):
-        self.records.append(record)
+    return small_model(small_config([1, 2, 3, 4]))
 
 
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares"]
 
 
 def test_cached_sampler_logits_equal_the_block_causal_full_forward(model):
-    recorder = Recorder()
+    recorder = ScaleRecorder()
     generate(model, PROMPTS, SamplingConfig(cfg=1.0, tau=1.0, top_p=0.0), seed=0, observers=[recorder], decode=False)
     bits = [r.bits for r in recorder.records]
     inputs = model.vae.teacher_forcing_inputs(bits, model.schedule)
@@ -63,7 +41,7 @@ def test_same_seed_same_images_and_different_seed_different_images(model):
 
 
 def test_cfg_runs_both_branches_and_mixes_their_logits(model):
-    recorder = Recorder()
+    recorder = ScaleRecorder()
     generate(model, PROMPTS, SamplingConfig(cfg=4.0, tau=1.0), seed=0, observers=[recorder], decode=False)
     first = recorder.records[0]
     assert first.inputs.shape[0] == 4  # conditional rows then null-text rows
@@ -76,7 +54,7 @@ def test_dropping_a_branch_slices_the_cache_and_keeps_one_row_per_prompt(model):
         def plan(self, k, grid, schedule):
             return ScalePlan(branches="uncond" if k >= 2 else "both")
 
-    recorder = Recorder()
+    recorder = ScaleRecorder()
     generate(model, PROMPTS, SamplingConfig(cfg=3.0, tau=1.0), seed=0, policy=DropAtScale2(), observers=[recorder])
     assert [r.inputs.shape[0] for r in recorder.records] == [4, 4, 2, 2]
     assert recorder.records[-1].kv_lengths == [30, 30]
