@@ -306,7 +306,11 @@ def _open_clip(model: str, checkpoint: str | None, device: torch.device) -> tupl
     return network.eval(), preprocess, open_clip.get_tokenizer(model)
 
 
-class _CLIP(NetworkMetric):
+class _OneWeightsFile(NetworkMetric):
+    """A network metric whose weights are one local file, or random (`random_weights`, for tests)."""
+
+    weights_hint: str  # what the file is and where it comes from; {model} is the model name
+
     def __init__(self, model: str, checkpoint: str, random_weights: bool = False, device: str | torch.device = "cpu"):
         super().__init__(device)
         self.model, self.checkpoint, self.random_weights = model, checkpoint, random_weights
@@ -314,7 +318,11 @@ class _CLIP(NetworkMetric):
     def required_files(self) -> dict[Path, str]:
         if self.random_weights:
             return {}
-        return {Path(self.checkpoint): f"open_clip weights of {self.model} (.safetensors or .bin from its HF repo)"}
+        return {Path(self.checkpoint): self.weights_hint.format(model=self.model)}
+
+
+class _CLIP(_OneWeightsFile):
+    weights_hint = "open_clip weights of {model} (.safetensors or .bin from its HF repo)"
 
     def build_network(self) -> tuple:
         if self.random_weights:
@@ -350,20 +358,12 @@ class CLIPTextScore(_CLIP, PromptMetric):
         return (self.image_features(images) * text_features).sum(-1)
 
 
-class DINOSimilarity(NetworkMetric, Metric):
+class DINOSimilarity(_OneWeightsFile, Metric):
     """Cosine similarity of the DINO / DINOv2 (timm) pooled features of an image and its reference."""
 
     kind = "semantic"
     higher_is_better = True
-
-    def __init__(self, model: str, checkpoint: str, random_weights: bool = False, device: str | torch.device = "cpu"):
-        super().__init__(device)
-        self.model, self.checkpoint, self.random_weights = model, checkpoint, random_weights
-
-    def required_files(self) -> dict[Path, str]:
-        if self.random_weights:
-            return {}
-        return {Path(self.checkpoint): f"timm weights of {self.model} (model.safetensors from timm/{self.model})"}
+    weights_hint = "timm weights of {model} (model.safetensors from timm/{model})"
 
     def build_network(self) -> tuple:
         import timm
