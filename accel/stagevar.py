@@ -6,7 +6,9 @@ From the first refinement scale on (the stage probe's stages.json, or accel.refi
 (c) the transformer runs on those r tokens with RoPE at their representative positions I, and only their
     K/V enter the cache;
 (d) representative token restoration: the outputs land at I, every other position takes the previous
-    scale's final hidden state resized to the current grid.
+    scale's final hidden state resized to the current grid (`restore_from: previous`, the paper), or, our
+    variant, a Gaussian-weighted mean of this scale's outputs at nearby positions of I (`representatives`):
+    the head then reads states of the scale it predicts, not of the coarser one before.
 
 The paper leaves the form of Q and the choice of I open, so both are options:
 - `sketch`: `selection` (Q selects the columns I, so the r tokens are F~[I]; unscaled, because the transformer
@@ -18,8 +20,7 @@ The paper leaves the form of Q and the choice of I open, so both are options:
   FastVAR's score, per row), `leverage` (the r largest leverage scores of the centred F~, estimated from a
   seeded Gaussian range sketch, per row) or `random` (seeded).
 r is ceil(rank_ratio * M), or the probe's per-scale rank (`ranks: probe`). A scale where r >= M runs in full.
-The defaults (selection, uniform_grid, bicubic restoration) measured best on the tiny model; see
-conf/accel/stagevar.yaml.
+The defaults measured best on the tiny model; see conf/accel/stagevar.yaml.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from accel.policies import (
@@ -65,6 +67,7 @@ class StageVARPolicy:
         sketch: Sketch = "selection",
         indices: IndexRule = "uniform_grid",
         restore_mode: str = "bicubic",
+        restore_from: Literal["previous", "representatives"] = "previous",
         seed: int = 0,
     ):
         stages = load_stages(stages_file, spec.name, spec.schedule) if stages_file else None
@@ -74,6 +77,7 @@ class StageVARPolicy:
         self.sketch = check_choice("sketch", sketch, ("selection", "gaussian", "orthonormal"))
         self.indices = check_choice("indices", indices, ("uniform_grid", "topk_norm", "leverage", "random"))
         self.restore_mode = check_choice("restore_mode", restore_mode, RESIZE_MODES)
+        self.restore_from = check_choice("restore_from", restore_from, ("previous", "representatives"))
         self.seed = seed
         if not 0 < rank_ratio <= 1:
             raise UserError(f"accel.rank_ratio={rank_ratio} must be in (0, 1]: the share r / M of tokens kept")
@@ -97,7 +101,9 @@ class StageVARPolicy:
         branches = self.keep_branch if self.drop_cfg else "both"
         if not reduce:
             return ScalePlan(branches=branches)
-        subset = RepresentativeTokens(rank, self.sketch, self.indices, self.restore_mode, self._generator)
+        subset = RepresentativeTokens(
+            rank, self.sketch, self.indices, self.restore_mode, self.restore_from, self._generator
+        )
         return ScalePlan(branches=branches, token_subset=subset)
 
 
@@ -109,6 +115,7 @@ class RepresentativeTokens:
     sketch: Sketch
     indices: IndexRule
     restore_mode: str
+    restore_from: Literal["previous", "representatives"]
     generator: torch.Generator  # CPU, shared by the scales of one generation
 
     def num_tokens(self, grid: Grid) -> int:
@@ -126,7 +133,10 @@ class RepresentativeTokens:
     ) -> Tensor:
         if previous is None or previous_grid is None:
             raise ValueError("representative token restoration needs the previous scale's hidden states")
-        return scatter_tokens(resize_tokens(previous, previous_grid, grid, self.restore_mode), positions, hidden)
+        restored = resize_tokens(previous, previous_grid, grid, self.restore_mode)
+        if self.restore_from == "representatives":
+            restored = interpolate_from(hidden, positions, grid, fallback=restored)
+        return scatter_tokens(restored, positions, hidden)
 
     def representative_positions(self, inputs: Tensor, grid: Grid) -> Tensor:
         """The index set I: raster positions (r,) shared by all rows, or (R, r) per row."""
@@ -142,6 +152,27 @@ class RepresentativeTokens:
                 scores = leverage_scores(centred, self.rank, self.generator)
             positions = scores.topk(self.rank, dim=1).indices
         return positions.to(inputs.device).sort(dim=-1).values
+
+
+def interpolate_from(tokens: Tensor, positions: Tensor, grid: Grid, fallback: Tensor) -> Tensor:
+    """A full token map (R, M, C) from tokens (R, r, C) known at raster positions (r,) or (R, r): each position
+    takes the Gaussian-weighted mean of the known tokens around it (normalised convolution, sigma = half the
+    mean spacing sqrt(M / r) of the known positions); where none is within reach, `fallback` (R, M, C)."""
+    rows, rank, channels = tokens.shape
+    h, w = grid
+    spacing = math.sqrt(h * w / rank)
+    radius = math.ceil(1.5 * spacing)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=tokens.device)
+    bump = torch.exp(-0.5 * (offsets / (spacing / 2)) ** 2)
+    kernel = (bump[:, None] * bump[None, :])[None, None]  # (1, 1, k, k)
+    known = scatter_tokens(tokens.new_zeros(rows, h * w, channels + 1), positions,
+                           torch.cat((tokens, tokens.new_ones(rows, rank, 1)), dim=-1))
+    maps = known.float().transpose(1, 2).reshape(rows * (channels + 1), 1, h, w)
+    blurred = F.conv2d(maps, kernel, padding=radius).view(rows, channels + 1, h * w).transpose(1, 2)
+    weight = blurred[..., -1:]
+    reached = weight > 1e-3 * kernel.max()
+    mean = blurred[..., :-1] / weight.clamp_min(1e-12)
+    return torch.where(reached, mean.to(tokens.dtype), fallback.to(tokens.dtype))
 
 
 def dither_order(grid: Grid) -> Tensor:

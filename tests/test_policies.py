@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from accel.policies import ModelSpec, build_policy, resize_tokens
 from accel.sampler import Generation, SamplingConfig, generate
-from accel.stagevar import dither_order
+from accel.stagevar import dither_order, interpolate_from
 from analysis.stages import StageBoundaries, StageRule, write_stages
 from errors import UserError
 from models.pipeline import TextToImageModel
@@ -112,6 +112,27 @@ def test_stagevar_restoration_mode_is_used(model):
     assert not torch.equal(area.latent, bicubic.latent)
 
 
+def test_restoring_from_the_representatives_differs_from_the_previous_scale(model):
+    previous = run(model, policy(model, "stagevar", rank_ratio=0.3, restore_from="previous"), decode=False)
+    representatives = run(model, policy(model, "stagevar", rank_ratio=0.3, restore_from="representatives"), decode=False)
+    assert not torch.equal(previous[0].latent, representatives[0].latent)
+    assert previous[1][-1].kv_lengths == representatives[1][-1].kv_lengths  # the same tokens run
+
+
+def test_interpolation_from_known_tokens_averages_the_neighbours_and_falls_back_beyond_reach():
+    grid = (4, 4)
+    known = torch.tensor([0, 2, 8, 10])  # the stride-2 sub-grid: (0, 0), (0, 2), (2, 0), (2, 2)
+    x_of_known = (known % 4).float().view(1, 4, 1)
+    fallback = torch.full((1, 16, 1), -1.0)
+    filled = interpolate_from(x_of_known, known, grid, fallback).view(4, 4)
+    assert torch.allclose(filled[:, 1], torch.ones(4))  # halfway between columns 0 and 2, symmetric weights
+    assert (filled[:, 3] > 1.9).all() and (filled[:, 3] < 2.0).all()  # column 2, a little of the far column 0
+
+    corner = torch.tensor([0, 1, 16, 17])  # four known tokens in the top-left corner of a 16 x 16 grid
+    filled = interpolate_from(torch.ones(1, 4, 1), corner, (16, 16), torch.zeros(1, 256, 1)).view(16, 16)
+    assert filled[0, 0] == 1 and filled[15, 15] == 0  # the far corner is beyond reach: fallback
+
+
 def stages_file(tmp_path: Path, model_name: str, schedule: list, refinement_start: int, ranks: list[int]) -> str:
     path = tmp_path / "stages.json"
     write_stages(
@@ -179,6 +200,7 @@ def test_dither_order_prefixes_are_evenly_spread():
         ("stagevar", {"ranks": "probe"}, "accel.ranks=probe takes the ranks from the stage probe"),
         ("stagevar", {"sketch": "sparse"}, "accel.sketch='sparse' is not one of"),
         ("stagevar", {"indices": "topk"}, "accel.indices='topk' is not one of"),
+        ("stagevar", {"restore_from": "next"}, "accel.restore_from='next' is not one of"),
         ("cfg_drop", {"keep_branch": "null"}, "accel.keep_branch='null' is not one of"),
         ("stagevar", {"stages_file": "no/such/stages.json"}, "stages file no/such/stages.json does not exist"),
         ("fastvar", {"prune_ratios": [0.4, 1.0]}, "accel.prune_ratios has 1.0"),
