@@ -14,6 +14,9 @@ background is not, so ShapesEval can segment them without learned weights. A sce
 objects its prompt asks for; attributes the prompt leaves open (colour, size, place) are random.
 
     python -m evals.shapes_world --write-suite    # regenerates evals/data/shapes_eval_metadata.jsonl
+    python -m evals.shapes_world --write-suite --path dev.jsonl --seed 7 --per-category 16
+                                                  # another suite (e.g. to tune settings off the test suite;
+                                                  # use it with prompts.path=dev.jsonl)
 """
 
 from __future__ import annotations
@@ -175,10 +178,12 @@ def make_suite(num_per_category: int = 56, seed: int = 2026) -> list[dict]:
     return suite
 
 
-def write_suite(path: Path = SUITE_PATH) -> None:
-    """Write make_suite() as GenEval's evaluation_metadata.jsonl: one JSON object per line."""
+def write_suite(path: Path = SUITE_PATH, num_per_category: int = 56, seed: int = 2026) -> list[dict]:
+    """Write make_suite(...) as GenEval's evaluation_metadata.jsonl (one JSON object per line); returns it."""
+    suite = make_suite(num_per_category, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(metadata) + "\n" for metadata in make_suite()))
+    path.write_text("".join(json.dumps(metadata) + "\n" for metadata in suite))
+    return suite
 
 
 # ---------------------------------------------------------------- geometry
@@ -427,9 +432,13 @@ def to_uint8_image(image: ImageLike) -> np.ndarray:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write-suite", action="store_true", help=f"write the evaluation suite to {SUITE_PATH}")
-    if parser.parse_args().write_suite:
-        write_suite()
-        print(f"wrote {len(make_suite())} prompts to {SUITE_PATH}")
+    parser.add_argument("--write-suite", action="store_true", help="write an evaluation suite")
+    parser.add_argument("--path", type=Path, default=SUITE_PATH, help="where to (default: the committed suite)")
+    parser.add_argument("--seed", type=int, default=2026, help="the committed suite's is 2026")
+    parser.add_argument("--per-category", type=int, default=56, help="prompts per category")
+    arguments = parser.parse_args()
+    if arguments.write_suite:
+        suite = write_suite(arguments.path, arguments.per_category, arguments.seed)
+        print(f"wrote {len(suite)} prompts to {arguments.path}")
     else:
         parser.print_help()
