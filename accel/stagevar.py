@@ -67,7 +67,7 @@ class StageVARPolicy:
         sketch: Sketch = "selection",
         indices: IndexRule = "uniform_grid",
         restore_mode: str = "bicubic",
-        restore_from: Literal["previous", "representatives"] = "previous",
+        restore_from: Literal["previous", "representatives"] = "representatives",
         seed: int = 0,
     ):
         stages = load_stages(stages_file, spec.name, spec.schedule) if stages_file else None

@@ -88,7 +88,7 @@ def test_cfg_drop_runs_one_row_per_prompt_in_the_refinement_scales(model, baseli
 )
 def test_stagevar_runs_r_tokens_and_restores_the_rest_from_the_previous_scale(model, sketch, indices):
     accel = policy(model, "stagevar", refinement_start=-2, rank_ratio=0.3, sketch=sketch, indices=indices,
-                   restore_mode="bilinear")
+                   restore_mode="bilinear", restore_from="previous")
     records = run(model, accel, decode=False)[1]
     ranks = [math.ceil(0.3 * M) for M in SIZES[-2:]]
     assert records[-1].kv_lengths == [sum(SIZES[:-2]) + sum(ranks)] * 4  # only the r tokens' K/V are cached
