@@ -45,6 +45,9 @@ def small_model(config: dict, confident: bool = True) -> TextToImageModel:
     return model
 
 
+CONFIG_64PX = small_config([1, 2, 4, 8, 16], vae_base_ch=8, vae_ch_mult=(1, 2, 2))  # 64 x 64 images, 5 scales
+
+
 class ScaleRecorder:
     """A sampler observer that keeps every scale's record."""
 

@@ -14,7 +14,7 @@ from analysis.rows import band_key, rank_key
 from analysis.spectra import band_change, band_labels, radial_power_spectrum
 from errors import UserError
 
-from helpers import small_config, small_model
+from helpers import CONFIG_64PX, small_model
 
 PROMPTS = [
     {"index": 3, "prompt": "a photo of a red circle", "tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}]},
@@ -82,7 +82,7 @@ def test_running_means_average_over_every_added_vector():
 
 @pytest.fixture(scope="module")
 def model_64px():
-    return small_model(small_config([1, 2, 4, 8, 16], vae_base_ch=8, vae_ch_mult=(1, 2, 2)))
+    return small_model(CONFIG_64PX)
 
 
 SAMPLING = SamplingConfig(cfg=3.0, tau=1.0, top_p=0.0)

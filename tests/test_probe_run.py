@@ -6,7 +6,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from nbclient import NotebookClient
 
@@ -18,11 +17,11 @@ from errors import UserError
 from experiments import stage_probe
 from experiments.recorder import RunRecorder
 from models.checkpoint import save_safetensors
-from models.pipeline import tiny_from_config
-from tests.test_probe import SMALL_64PX
+
+from helpers import CONFIG_64PX, small_model
 
 REPO = Path(__file__).resolve().parents[1]
-NUM_PROMPTS, NUM_SCALES = 2, len(SMALL_64PX["schedule"])
+NUM_PROMPTS, NUM_SCALES = 2, len(CONFIG_64PX["schedule"])
 
 
 def probe_config(*overrides: str):
@@ -41,12 +40,10 @@ def run_probe(cfg, run_dir: Path) -> dict:
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A probe run of 2 prompts in batches of 1, with the default (offline) metrics."""
     checkpoint = tmp_path_factory.mktemp("small_checkpoint")
-    torch.manual_seed(0)
-    model = tiny_from_config(SMALL_64PX, "tiny", torch.device("cpu"))
-    torch.nn.init.normal_(model.transformer.head.weight, std=0.5)
+    model = small_model(CONFIG_64PX)
     for part in ("transformer", "vae", "text_encoder"):
         save_safetensors(getattr(model, part).state_dict(), checkpoint / f"{part}.safetensors", {})
-    (checkpoint / "config.json").write_text(json.dumps(SMALL_64PX))
+    (checkpoint / "config.json").write_text(json.dumps(CONFIG_64PX))
     cfg = probe_config(
         f"model.checkpoint_dir={checkpoint}", f"probe.num_prompts={NUM_PROMPTS}", "probe.batch_size=1",
         "probe.strip_prompts=2",
@@ -60,7 +57,7 @@ def test_the_run_folder_holds_rows_stages_and_figures(run_dir: Path):
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert len(rows) == NUM_PROMPTS * NUM_SCALES
     assert all({"shapes_eval", "ssim", "ms_ssim", "gmsd", "st_lpips", rank_key("inputs", 0.95)} <= row.keys() for row in rows)
-    schedule = [(side, side) for side in SMALL_64PX["schedule"]]
+    schedule = [(side, side) for side in CONFIG_64PX["schedule"]]
     stages = load_stages(run_dir / "stages.json", "tiny", schedule)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "complete" and stages["num_prompts"] == NUM_PROMPTS
@@ -93,7 +90,7 @@ def test_the_ranks_are_the_90th_percentile_over_prompts(run_dir: Path):
     key = rank_key("inputs", 0.95)
     expected = [aggregate_rank([row[key] for row in rows if row["scale"] == k], "p90") for k in range(NUM_SCALES)]
     assert stages["ranks"]["per_scale"] == expected
-    assert stages["ranks"]["fraction"] == [rank / side**2 for rank, side in zip(expected, SMALL_64PX["schedule"])]
+    assert stages["ranks"]["fraction"] == [rank / side**2 for rank, side in zip(expected, CONFIG_64PX["schedule"])]
 
 
 def test_the_notebook_redraws_every_figure_from_the_run_folder(run_dir: Path, monkeypatch: pytest.MonkeyPatch):
