@@ -107,8 +107,10 @@ def test_a_seeded_stagevar_policy_draws_the_same_projection_in_every_generation(
 
 
 def test_stagevar_restoration_mode_is_used(model):
-    area = run(model, policy(model, "stagevar", rank_ratio=0.3, restore_mode="area"), decode=False)[0]
-    bicubic = run(model, policy(model, "stagevar", rank_ratio=0.3, restore_mode="bicubic"), decode=False)[0]
+    area = run(model, policy(model, "stagevar", rank_ratio=0.3, restore_from="previous", restore_mode="area"),
+               decode=False)[0]
+    bicubic = run(model, policy(model, "stagevar", rank_ratio=0.3, restore_from="previous", restore_mode="bicubic"),
+                  decode=False)[0]
     assert not torch.equal(area.latent, bicubic.latent)
 
 
