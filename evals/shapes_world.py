@@ -178,12 +178,10 @@ def make_suite(num_per_category: int = 56, seed: int = 2026) -> list[dict]:
     return suite
 
 
-def write_suite(path: Path = SUITE_PATH, num_per_category: int = 56, seed: int = 2026) -> list[dict]:
-    """Write make_suite(...) as GenEval's evaluation_metadata.jsonl (one JSON object per line); returns it."""
-    suite = make_suite(num_per_category, seed)
+def write_suite(suite: list[dict], path: Path = SUITE_PATH) -> None:
+    """Write a suite as GenEval's evaluation_metadata.jsonl: one JSON object per line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(metadata) + "\n" for metadata in suite))
-    return suite
 
 
 # ---------------------------------------------------------------- geometry
@@ -438,7 +436,8 @@ if __name__ == "__main__":
     parser.add_argument("--per-category", type=int, default=56, help="prompts per category")
     arguments = parser.parse_args()
     if arguments.write_suite:
-        suite = write_suite(arguments.path, arguments.per_category, arguments.seed)
+        suite = make_suite(arguments.per_category, arguments.seed)
+        write_suite(suite, arguments.path)
         print(f"wrote {len(suite)} prompts to {arguments.path}")
     else:
         parser.print_help()
