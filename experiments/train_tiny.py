@@ -57,6 +57,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     state = {"vae": 0, "transformer": 0, "seconds": 0.0}
     if train.resume:
         state = load_state(Path(train.resume) / STATE_FILE, model, optimizers)
+        carry_over_results(Path(train.resume) / "results.jsonl", recorder, state)
         log.info("resumed from %s at %s", train.resume, state)
 
     check_curriculum(train.transformer.curriculum, len(model.schedule))
@@ -150,16 +151,19 @@ def object_mask(images: Tensor) -> Tensor:
 
 def transformer_step(model: TextToImageModel, phase_cfg: DictConfig, step: int, seed: int) -> dict:
     """Teacher-forced bitwise cross-entropy over every token of the first `scales` scales of the curriculum
-    entry for this step (all scales when `scales` is null)."""
+    entry for this step (all scales when `scales` is null), with bitwise self-correction."""
     entry = phase_cfg.curriculum[step % len(phase_cfg.curriculum)]
     images, captions, _ = sample_batch(entry.batch_size, seed=seed)
     transformer, vae = model.transformer, model.vae
     schedule = model.schedule[: entry.scales or len(model.schedule)]
     num_tokens = sum(h * w for h, w in schedule)
     with torch.no_grad():
-        _, bits = vae.quantize(vae.encode(images), model.schedule)
+        generator = torch.Generator().manual_seed(seed)
+        flips = self_correction_flips(len(captions), model.schedule, vae.bits_per_token, phase_cfg.self_correction, generator)
+        _, bits = vae.quantize(vae.encode(images), model.schedule, flips)
+        corrupted = [scale_bits ^ flip.long() for scale_bits, flip in zip(bits, flips)]
         # A prefix of the scales is a complete block-causal sample: its inputs are a prefix of the full ones.
-        scale_inputs = vae.teacher_forcing_inputs(bits, model.schedule)[:, : num_tokens - 1]
+        scale_inputs = vae.teacher_forcing_inputs(corrupted, model.schedule)[:, : num_tokens - 1]
     tokens = model.text_encoder.encode(captions)
     features, lengths = tokens.features, tokens.lengths
     dropped = torch.rand(len(captions)) < phase_cfg.cond_drop  # learn the null text for CFG
@@ -172,6 +176,21 @@ def transformer_step(model: TextToImageModel, phase_cfg: DictConfig, step: int, 
     with torch.no_grad():
         accuracy = (logits.reshape(*labels.shape, 2).argmax(-1) == labels).float().mean()
     return {"loss": loss, "bit_accuracy": accuracy}
+
+
+def self_correction_flips(
+    batch_size: int, schedule: list[tuple[int, int]], bits_per_token: int, max_probability: float,
+    generator: torch.Generator,
+) -> list[Tensor]:
+    """Bits to flip for Infinity's bitwise self-correction: each sample draws a flip probability from
+    {0, 0.01, ..., max_probability}, then every bit of every scale flips with it (bool (B, h, w, bits) per scale).
+
+    At sampling time the transformer's inputs are its own imperfect bits, not the VAE's; trained only on the
+    VAE's, a small model that gets a fifth of its bits wrong drifts into noise instead of repairing them.
+    """
+    steps = round(100 * max_probability)
+    probability = torch.randint(0, steps + 1, (batch_size, 1, 1, 1), generator=generator) / 100
+    return [torch.rand(batch_size, h, w, bits_per_token, generator=generator) < probability for h, w in schedule]
 
 
 def check_curriculum(curriculum: list, num_scales: int) -> None:
@@ -219,6 +238,15 @@ def load_state(path: Path, model: TextToImageModel, optimizers: dict) -> dict:
     for name, opt in optimizers.items():
         opt.load_state_dict(payload["optimizers"][name])
     return payload["state"]
+
+
+def carry_over_results(path: Path, recorder: RunRecorder, state: dict) -> None:
+    """Copy the interrupted run's rows up to its checkpoint (later steps are redone), so the resumed run's
+    results.jsonl and loss curves cover the whole training."""
+    if path.exists():
+        for row in map(json.loads, path.read_text().splitlines()):
+            if row["step"] <= state[row["phase"]]:
+                recorder.log(row)
 
 
 def vae_reconstruction_scores(model: TextToImageModel, seed: int) -> dict:

@@ -249,14 +249,22 @@ class MultiScaleBSQ(nn.Module):
         super().__init__()
         self.lfq = BSQ(codebook_dim)
 
-    def forward(self, latent: Tensor, schedule: list[tuple[int, int]]) -> tuple[Tensor, list[Tensor]]:
-        """Return the quantised latent (the sum of all upsampled codes) and the bits (B, d, h, w) per scale."""
+    def forward(
+        self, latent: Tensor, schedule: list[tuple[int, int]], flips: list[Tensor] | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Return the quantised latent (the sum of all upsampled codes) and the bits (B, d, h, w) per scale.
+
+        `flips` (bool, one per scale, shaped like its bits): bits inverted before their codes enter the sum
+        (bitwise self-correction, see `BSQVAE.quantize`).
+        """
         full_size = tuple(latent.shape[-2:])
         residual = latent.float()  # the official quantiser runs with autocast off
         quantized = torch.zeros_like(residual)
         bits_per_scale = []
-        for size in schedule:
+        for index, size in enumerate(schedule):
             codes, bits = self.lfq(F.interpolate(residual, size=size, mode="area"))
+            if flips is not None:
+                codes = self.lfq.bits_to_codes(bits ^ flips[index].long())
             codes = resize_latent(codes, full_size)
             residual = residual - codes
             quantized = quantized + codes
@@ -297,11 +305,19 @@ class BSQVAE(nn.Module):
             )
         return self.encoder(images)
 
-    def quantize(self, latent: Tensor, schedule: list[tuple[int, int]]) -> tuple[Tensor, list[Tensor]]:
+    def quantize(
+        self, latent: Tensor, schedule: list[tuple[int, int]], flips: list[Tensor] | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
         """Multi-scale quantisation of `latent` over `schedule` (transformer grid units, coarse to fine).
 
         Returns the quantised latent (same shape as `latent`) and, per scale, the bits as int64 0/1 of
         shape (B, h, w, bits_per_token) in the transformer's layout.
+
+        `flips` is Infinity's bitwise self-correction, for training only: one bool tensor per scale, shaped
+        like its bits, marks bits to invert before they enter the running sum. Every later scale then
+        quantises the residual of that corrupted prefix, so the returned bits, the labels, teach the
+        transformer to correct earlier mistakes; the corrupted prefix itself is `bits ^ flips`, and the
+        returned latent is its sum.
         """
         latent_schedule = [(h * self.patch, w * self.patch) for h, w in schedule]
         if not schedule or latent_schedule[-1] != tuple(latent.shape[-2:]):
@@ -309,7 +325,9 @@ class BSQVAE(nn.Module):
                 f"the last scale {schedule[-1] if schedule else None} times patch {self.patch} must equal the "
                 f"latent grid {tuple(latent.shape[-2:])}"
             )
-        quantized, bits_per_scale = self.quantizer(latent, latent_schedule)
+        if flips is not None:
+            flips = [F.pixel_shuffle(flip.permute(0, 3, 1, 2).float(), self.patch).bool() for flip in flips]
+        quantized, bits_per_scale = self.quantizer(latent, latent_schedule, flips)
         return quantized, [F.pixel_unshuffle(bits, self.patch).permute(0, 2, 3, 1) for bits in bits_per_scale]
 
     def bits_to_codes(self, bits: Tensor) -> Tensor:

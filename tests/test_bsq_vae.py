@@ -112,6 +112,34 @@ def test_first_scale_bits_are_signs_of_the_mean_latent():
     assert torch.equal(bits[0][:, 0, 0], (latent.mean((2, 3)) > 0).long())
 
 
+@pytest.mark.parametrize("config", [TINY, TINY_PATCHIFY])
+@torch.no_grad()
+def test_self_correction_labels_point_back_at_the_uncorrupted_latent(config):
+    # Two scales on the full grid: if every bit of the first is flipped, the running sum is minus the true
+    # code, so the second scale's labels (the residual's signs) must repeat the first scale's true bits.
+    vae = tiny_vae(config)
+    latent = vae.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
+    grid = (latent.shape[-2] // vae.patch, latent.shape[-1] // vae.patch)
+    _, clean = vae.quantize(latent, [grid, grid])
+    flips = [torch.ones_like(clean[0], dtype=torch.bool), torch.zeros_like(clean[1], dtype=torch.bool)]
+    quantized, labels = vae.quantize(latent, [grid, grid], flips)
+    assert torch.equal(labels[0], clean[0])
+    assert torch.equal(labels[1], clean[0]) and not torch.equal(clean[1], clean[0])
+    corrupted = [bits ^ flip.long() for bits, flip in zip(labels, flips)]
+    torch.testing.assert_close(quantized, sum(vae.bits_to_codes(bits) for bits in corrupted), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_self_correction_without_flips_is_plain_quantisation():
+    vae = tiny_vae(TINY)
+    latent = vae.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
+    schedule = [(1, 1), (4, 4), (16, 16)]
+    quantized, bits = vae.quantize(latent, schedule)
+    no_flips = [torch.zeros(2, h, w, vae.bits_per_token, dtype=torch.bool) for h, w in schedule]
+    quantized_again, bits_again = vae.quantize(latent, schedule, no_flips)
+    assert torch.equal(quantized, quantized_again) and all(map(torch.equal, bits, bits_again))
+
+
 def test_quantize_rejects_a_schedule_that_does_not_end_at_the_latent_grid():
     with pytest.raises(ValueError, match="latent grid"):
         tiny_vae(TINY_PATCHIFY).quantize(torch.zeros(1, 6, 16, 16), [(1, 1), (16, 16)])

@@ -54,4 +54,16 @@ def test_a_resumed_run_continues_where_the_interrupted_one_stopped(tmp_path):
     summary = train(tmp_path / "second", tmp_path / "tiny", 2, f"train.resume={tmp_path / 'first'}")
     assert summary["steps"] == {"vae": 2, "transformer": 2}
     rows = [json.loads(line) for line in (tmp_path / "second" / "results.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["step"]) for r in rows] == [("vae", 2), ("transformer", 2)]
+    # The first run's rows up to its checkpoint come along, so the loss curves cover the whole training.
+    assert [(r["phase"], r["step"]) for r in rows] == [("vae", 1), ("transformer", 1), ("vae", 2), ("transformer", 2)]
+
+
+def test_self_correction_flips_a_per_sample_fraction_of_the_bits_up_to_the_maximum():
+    schedule = [(1, 1), (4, 4), (16, 16)]
+    none = train_tiny.self_correction_flips(8, schedule, 16, 0.0, torch.Generator().manual_seed(0))
+    assert [f.shape for f in none] == [(8, h, w, 16) for h, w in schedule] and not any(f.any() for f in none)
+
+    flips = train_tiny.self_correction_flips(256, schedule, 16, 0.3, torch.Generator().manual_seed(0))
+    per_sample = flips[-1].float().mean(dim=(1, 2, 3))
+    assert per_sample.max() <= 0.33 and per_sample.min() < 0.02  # some samples are left clean
+    assert 0.12 < per_sample.mean() < 0.18  # p ~ U{0, ..., 0.3}: mean 0.15
