@@ -6,18 +6,22 @@ Phase 2 freezes it and trains the Infinity transformer and the word-level text e
 derived from the step, so a resumed run sees exactly the data it would have seen.
 
 Progress survives interruption: `train_state.pt` in the run folder is rewritten atomically every
-`train.checkpoint_every` steps; `train.resume=<run folder>` continues from it. At the end the weights are
+`train.checkpoint_every` steps, and Ctrl-C or SIGTERM stops the run after the current step with its state
+saved; `train.resume=<run folder>` continues from it. At the end the weights are
 exported as safetensors with config.json to `train.export_dir` (checkpoints/tiny by default).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -61,43 +65,69 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         log.info("resumed from %s at %s", train.resume, state)
 
     check_curriculum(train.transformer.curriculum, len(model.schedule))
-    phases = {"vae": (train.vae, vae_step), "transformer": (train.transformer, transformer_step)}
-    for phase, (phase_cfg, step_fn) in phases.items():
-        modules = [model.vae] if phase == "vae" else [model.transformer, model.text_encoder]
-        for module in modules:
-            module.train()
-        bar = tqdm(range(state[phase], phase_cfg.steps), desc=f"train {phase}", initial=state[phase], total=phase_cfg.steps)
-        for step in bar:
-            started = time.perf_counter()
-            set_learning_rate(optimizers[phase], phase_cfg, step)
-            losses = step_fn(model, phase_cfg, step, seed=hash_seed(cfg.seed, phase, step))
-            optimizers[phase].zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], phase_cfg.grad_clip)
-            optimizers[phase].step()
-            state[phase] = step + 1
-            state["seconds"] += time.perf_counter() - started
-            row = {"phase": phase, "step": step + 1, **{k: v.item() for k, v in losses.items()}}
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if (step + 1) % train.log_every == 0:
-                recorder.log(row)
-            if (step + 1) % train.checkpoint_every == 0 or step + 1 == phase_cfg.steps:
-                save_state(recorder.run_dir / STATE_FILE, model, optimizers, state)
-        for module in modules:
-            module.eval()
-        if phase_cfg.steps:
-            save_samples(model, recorder, phase, cfg.seed)
-        if phase == "vae":
-            vae_scores = vae_reconstruction_scores(model, cfg.seed)
-            log.info("ShapesEval of VAE reconstructions: %.3f %s", vae_scores["overall"], vae_scores["per_category"])
+    with stop_requests() as stop:
+        for phase in PHASES:
+            train_phase(phase, cfg, model, optimizers, state, recorder, stop)
+            if phase == "vae":
+                vae_scores = vae_reconstruction_scores(model, cfg.seed)
+                log.info("ShapesEval of VAE reconstructions: %.3f %s", vae_scores["overall"], vae_scores["per_category"])
 
     export_dir = REPO_ROOT / train.export_dir if not os.path.isabs(train.export_dir) else Path(train.export_dir)
     export(model, model_config, export_dir, cfg, state)
     recorder.save_figure(loss_curves(recorder.run_dir / "results.jsonl"), "loss_curves")
     return {
-        "export_dir": str(export_dir), "steps": {k: state[k] for k in phases}, "train_seconds": state["seconds"],
+        "export_dir": str(export_dir), "steps": {k: state[k] for k in PHASES}, "train_seconds": state["seconds"],
         "vae_reconstruction_shapes_eval": {k: vae_scores[k] for k in ("overall", "per_category")},
     }
+
+
+def train_phase(
+    phase: str, cfg: DictConfig, model: TextToImageModel, optimizers: dict[str, torch.optim.Optimizer], state: dict,
+    recorder: RunRecorder, stop: threading.Event,
+) -> None:
+    """Run `phase` from step `state[phase]` to its last, logging every `train.log_every` steps and saving the
+    state every `train.checkpoint_every` and when a stop is requested (then raising KeyboardInterrupt)."""
+    train, phase_cfg, step_fn, optimizer = cfg.train, cfg.train[phase], PHASES[phase], optimizers[phase]
+    modules = [model.vae] if phase == "vae" else [model.transformer, model.text_encoder]
+    for module in modules:
+        module.train()
+    bar = tqdm(range(state[phase], phase_cfg.steps), desc=f"train {phase}", initial=state[phase], total=phase_cfg.steps)
+    for step in bar:
+        started = time.perf_counter()
+        set_learning_rate(optimizer, phase_cfg, step)
+        losses = step_fn(model, phase_cfg, step, seed=hash_seed(cfg.seed, phase, step))
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], phase_cfg.grad_clip)
+        optimizer.step()
+        state[phase] = step + 1
+        state["seconds"] += time.perf_counter() - started
+        row = {"phase": phase, "step": step + 1, **{k: v.item() for k, v in losses.items()}}
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if (step + 1) % train.log_every == 0:
+            recorder.log(row)
+        if (step + 1) % train.checkpoint_every == 0 or step + 1 == phase_cfg.steps or stop.is_set():
+            save_state(recorder.run_dir / STATE_FILE, model, optimizers, state)
+        if stop.is_set():
+            log.info("stopped after %s step %d; continue with train.resume=%s", phase, step + 1, recorder.run_dir)
+            raise KeyboardInterrupt
+    for module in modules:
+        module.eval()
+    if phase_cfg.steps:
+        save_samples(model, recorder, phase, cfg.seed)
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[threading.Event]:
+    """Ctrl-C or SIGTERM (a scheduler's stop) sets the event instead of killing the loop mid-step: the loop
+    finishes the step, saves its state and stops, so a resumed run loses nothing."""
+    requested = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: requested.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def hash_seed(seed: int, phase: str, step: int) -> int:
@@ -176,6 +206,9 @@ def transformer_step(model: TextToImageModel, phase_cfg: DictConfig, step: int, 
     with torch.no_grad():
         accuracy = (logits.reshape(*labels.shape, 2).argmax(-1) == labels).float().mean()
     return {"loss": loss, "bit_accuracy": accuracy}
+
+
+PHASES = {"vae": vae_step, "transformer": transformer_step}  # trained in this order
 
 
 def self_correction_flips(

@@ -1,8 +1,10 @@
 """train_tiny: a 2-step smoke run of both phases, export, loading, and resuming an interrupted run."""
 
 import json
+import signal
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -67,3 +69,18 @@ def test_self_correction_flips_a_per_sample_fraction_of_the_bits_up_to_the_maxim
     per_sample = flips[-1].float().mean(dim=(1, 2, 3))
     assert per_sample.max() <= 0.33 and per_sample.min() < 0.02  # some samples are left clean
     assert 0.12 < per_sample.mean() < 0.18  # p ~ U{0, ..., 0.3}: mean 0.15
+
+
+def test_sigterm_stops_after_the_current_step_with_the_state_saved(tmp_path, monkeypatch):
+    def vae_step_then_sigterm(model, phase_cfg, step, seed):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)  # arrives mid-step, as a scheduler's stop would
+        return train_tiny.vae_step(model, phase_cfg, step, seed)
+
+    monkeypatch.setitem(train_tiny.PHASES, "vae", vae_step_then_sigterm)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "first", tmp_path / "tiny", 4, "train.checkpoint_every=100")
+    state = torch.load(tmp_path / "first" / train_tiny.STATE_FILE, weights_only=True)["state"]
+    assert (state["vae"], state["transformer"]) == (2, 0)
+    assert json.loads((tmp_path / "first" / "summary.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
