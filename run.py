@@ -16,10 +16,14 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from errors import UserError
 from experiments.recorder import RunRecorder
+
+# Multirun job folders are named by their overrides (conf/hydra/default.yaml); a path value such as
+# prompts.path=outputs/dev.jsonl must not split the name into nested folders.
+OmegaConf.register_new_resolver("folder_name", lambda text: text.replace("/", "_"), replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

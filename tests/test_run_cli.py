@@ -17,7 +17,7 @@ def start_run(*overrides: str, output_root: Path) -> subprocess.Popen:
     # Without the test session's WANDB_MODE, as from a user's shell: the config alone picks the W&B mode.
     env = {key: value for key, value in os.environ.items() if key != "WANDB_MODE"}
     return subprocess.Popen(
-        [sys.executable, "run.py", f"paths.output_root={output_root}", *overrides],
+        [sys.executable, "run.py", *overrides, f"paths.output_root={output_root}"],  # flags such as -m come first
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -101,3 +101,18 @@ def test_missing_geneval_file_is_a_short_error_naming_the_key(tmp_path: Path):
     assert "Traceback" not in result.stderr
     (folder,) = run_folders(tmp_path)
     assert json.loads((folder / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_multirun_job_with_a_path_override_gets_one_folder(tmp_path: Path):
+    # Job folders are named by their overrides; the slashes of a path value must not nest folders.
+    suite = tmp_path / "prompts" / "suite.jsonl"
+    suite.parent.mkdir()
+    suite.write_text("".join((REPO / "evals/data/shapes_eval_metadata.jsonl").read_text().splitlines(True)[:3]))
+    result = wait(start_run("-m", *SMALL_PREVIEW, "logger=none", f"prompts.path={suite}", output_root=tmp_path))
+    assert result.returncode == 0, result.stderr
+    configs = list((tmp_path / "world_preview" / "multirun").rglob("config.yaml"))
+    job_configs = [path for path in configs if path.parent.name != ".hydra"]
+    assert len(job_configs) == 1
+    sweep_dir = job_configs[0].parents[1]
+    assert sweep_dir.parent == tmp_path / "world_preview" / "multirun"
+    assert job_configs[0].parent.name.endswith(f"prompts.path={str(suite).replace('/', '_')}")
