@@ -2,8 +2,8 @@
 
 Phase 1 trains the BSQ-VAE (reconstruction through the multi-scale quantiser, straight-through gradients).
 Phase 2 freezes it and trains the Infinity transformer and the word-level text encoder with teacher forcing
-(bitwise cross-entropy, condition dropout for CFG). Every batch is freshly drawn from the world with a seed
-derived from the step, so a resumed run sees exactly the data it would have seen.
+(bitwise cross-entropy, condition dropout for CFG, bitwise self-correction). Every batch is freshly drawn from
+the world with a seed derived from the step, so a resumed run sees exactly the data it would have seen.
 
 Progress survives interruption: `train_state.pt` in the run folder is rewritten atomically every
 `train.checkpoint_every` steps, and Ctrl-C or SIGTERM stops the run after the current step with its state
@@ -120,9 +120,15 @@ def train_phase(
 @contextlib.contextmanager
 def stop_requests() -> Iterator[threading.Event]:
     """Ctrl-C or SIGTERM (a scheduler's stop) sets the event instead of killing the loop mid-step: the loop
-    finishes the step, saves its state and stops, so a resumed run loses nothing."""
+    finishes the step, saves its state and stops, so a resumed run loses nothing. A second one stops at once."""
     requested = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: requested.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(*_) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield requested
     finally:

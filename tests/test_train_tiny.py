@@ -84,3 +84,17 @@ def test_sigterm_stops_after_the_current_step_with_the_state_saved(tmp_path, mon
     assert (state["vae"], state["transformer"]) == (2, 0)
     assert json.loads((tmp_path / "first" / "summary.json").read_text())["status"] == "interrupted"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+
+
+def test_a_second_sigterm_stops_at_once(tmp_path, monkeypatch):
+    def vae_step_then_two_sigterms(model, phase_cfg, step, seed):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+            raise AssertionError("the second SIGTERM should have stopped the step")
+        return train_tiny.vae_step(model, phase_cfg, step, seed)
+
+    monkeypatch.setitem(train_tiny.PHASES, "vae", vae_step_then_two_sigterms)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "first", tmp_path / "tiny", 4, "train.checkpoint_every=100")
+    assert not (tmp_path / "first" / train_tiny.STATE_FILE).exists()  # no checkpoint was due yet
