@@ -8,9 +8,13 @@ six GenEval tags and GenEval's caption templates, over a small closed world of c
                  {"class": "square", "count": 1, "position": ["right of", 0]}],
      "prompt": "a photo of a square right of a circle"}
 
-Images have a layout (which shapes, where, what colour) and fine detail for later scales to refine:
-low-saturation textured backgrounds and textured object fills. Objects are strongly saturated and the
-background is not, so ShapesEval can segment them without learned weights. A scene shows exactly the
+Images are built to pass through the three stages of a next-scale generator, as real images do at
+Infinity's scale: which objects, colours, counts and places (semantics) show at the coarse scales; shape
+geometry (structure) at the middle ones, since objects are large (20-34 px of 64, 5-8 tokens of the
+16x16 latent); and only fine detail is left for the last ones: a faint high-frequency wave (periods of
+8-13 px, finer than an 8x8 token grid can hold) over smooth low-saturation backgrounds and smooth object
+fills. Objects are strongly saturated and the background is not, so ShapesEval can segment them without
+learned weights. A scene shows exactly the
 objects its prompt asks for; attributes the prompt leaves open (colour, size, place) are random.
 
     python -m evals.shapes_world --write-suite    # regenerates evals/data/shapes_eval_metadata.jsonl
@@ -50,8 +54,8 @@ ImageLike = np.ndarray | torch.Tensor | Image.Image
 SUITE_PATH = Path(__file__).parent / "data" / "shapes_eval_metadata.jsonl"
 
 # Geometry, in pixels of a 64 x 64 image (scaled for other resolutions).
-OBJECT_SIZE_RANGE = (12, 28)
-MAX_OBJECT_SIZE_BY_COUNT = {1: 28, 2: 26, 3: 22, 4: 20}  # more objects must fit without overlap
+OBJECT_SIZE_RANGE = (20, 34)
+MAX_OBJECT_SIZE_BY_COUNT = {1: 34, 2: 30, 3: 24, 4: 22}  # more objects must fit without overlap
 OBJECT_GAP = 3  # bounding boxes stay this far apart, so objects never touch even after a blur
 BORDER = 2
 # Scenes are drawn with a wider position margin than GenEval's 0.1, so every relation is clear-cut.
@@ -66,6 +70,7 @@ BACKGROUND_SATURATION_MAX = 0.15
 BACKGROUND_VALUE = (0.3, 0.9)
 
 NUM_FILL_PATTERNS = 256  # textures for object fills, cut at random offsets so no two objects look alike
+FINE_WAVE_SHARE = 0.25  # of a texture's amplitude: faint, so the refinement stage adds detail, not structure
 SUPERSAMPLING = 4  # shape masks are antialiased by averaging a finer grid
 
 
@@ -317,33 +322,29 @@ def plan_scene(metadata: dict, rng: np.random.Generator, resolution: int = 64) -
 
 
 def texture_fields(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, size, size) float32 patterns in [-1, 1]: random mixes of gradient, waves, stripes, checks, grain."""
+    """(n, size, size) float32 patterns in [-1, 1]: a smooth random mix of a gradient and a slow wave, plus a
+    faint fine wave (5-8 cycles across a 64 px image), the detail only the last scales can draw."""
     coords = np.linspace(-1, 1, size, dtype=np.float32)
     x, y = coords[None, None, :], coords[None, :, None]
+    cycles_scale = size / 64  # wave frequencies are per 64 pixels, so patterns look alike at any resolution
 
     def per_pattern(low: float, high: float) -> np.ndarray:
         return rng.uniform(low, high, (n, 1, 1)).astype(np.float32)
 
     def plane_wave(cycles_low: float, cycles_high: float) -> np.ndarray:
         """sin along a random direction; sin(a + b) = sin a cos b + cos a sin b keeps the sines 1-D (fast)."""
-        frequency, angle = 2 * np.pi * per_pattern(cycles_low, cycles_high), per_pattern(0, 2 * np.pi)
+        frequency = np.pi * cycles_scale * per_pattern(cycles_low, cycles_high)  # coords span 2: pi per cycle
+        angle = per_pattern(0, 2 * np.pi)
         along_x = frequency * np.cos(angle) * x + per_pattern(0, 2 * np.pi)
         along_y = frequency * np.sin(angle) * y
         return np.sin(along_x) * np.cos(along_y) + np.cos(along_x) * np.sin(along_y)
 
     angle = per_pattern(0, 2 * np.pi)
     gradient = np.cos(angle) * x + np.sin(angle) * y
-    check_frequency = 2 * np.pi * per_pattern(1.5, 4.0)
-    checks = np.sign(np.sin(check_frequency * x) * np.sin(check_frequency * y))
-    components = [gradient, plane_wave(0.3, 1.0), plane_wave(1.5, 5.0), checks]
-    # Each pattern keeps each component with probability 1/2 at a random strength, over a little grain.
-    weights = rng.uniform(0, 1, (len(components), n, 1, 1)).astype(np.float32)
-    weights *= rng.random(weights.shape) < 0.5
-    grain_weight = np.float32(0.4)
-    mixed = grain_weight * 0.5 * rng.standard_normal((n, size, size), dtype=np.float32)
-    for weight, component in zip(weights, components):
-        mixed += weight * component
-    return np.clip(mixed / (weights.sum(axis=0) + grain_weight), -1, 1)
+    gradient_weight, wave_weight = per_pattern(0, 1), per_pattern(0, 1)
+    smooth = (gradient_weight * gradient + wave_weight * plane_wave(0.3, 1.0)) / (gradient_weight + wave_weight)
+    mixed = (1 - FINE_WAVE_SHARE) * smooth + FINE_WAVE_SHARE * plane_wave(5.0, 8.0)
+    return np.clip(mixed, -1, 1)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,4 @@
-"""train_tiny: train the embedded default model on the shapes world, from scratch, on a CPU.
+"""train_tiny: train the embedded default model on the shapes world, from scratch, on a CPU or a GPU.
 
 Phase 1 trains the BSQ-VAE (reconstruction through the multi-scale quantiser, straight-through gradients).
 Phase 2 freezes it and trains the Infinity transformer and the word-level text encoder with teacher forcing
@@ -7,8 +7,13 @@ the world with a seed derived from the step, so a resumed run sees exactly the d
 
 Progress survives interruption: `train_state.pt` in the run folder is rewritten atomically every
 `train.checkpoint_every` steps, and Ctrl-C or SIGTERM stops the run after the current step with its state
-saved; `train.resume=<run folder>` continues from it. At the end the weights are
-exported as safetensors with config.json to `train.export_dir` (checkpoints/tiny by default).
+saved; `train.resume=<run folder>` continues from it. A phase's `max_minutes` caps its wall-clock time: its
+learning-rate schedule then follows elapsed time or steps, whichever is further along, so a capped phase still
+ends with its rate decayed. At the end the weights are exported as safetensors (`train.export_dtype`) with
+config.json to `train.export_dir` (checkpoints/tiny by default).
+
+On CUDA (`device=cuda`) the transformer runs under bf16 autocast, as Infinity trains, and world batches are
+drawn by `train.data_workers` processes ahead of the GPU; the same code runs in fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
@@ -38,7 +44,7 @@ from evals.shapes_eval import evaluate, load_suite
 from evals.shapes_world import BACKGROUND_SATURATION_MAX, VOCABULARY, render, sample_batch
 from experiments.recorder import RunRecorder
 from models.checkpoint import save_safetensors
-from models.pipeline import REPO_ROOT, TextToImageModel, tiny_from_config
+from models.pipeline import REPO_ROOT, TextToImageModel, resolve_device, tiny_from_config
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
@@ -48,8 +54,9 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     train = cfg.train
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(train.threads or torch.get_num_threads())
+    device = resolve_device(cfg.device)
     model_config = {**OmegaConf.to_container(train.arch, resolve=True), "vocabulary": VOCABULARY}
-    model = tiny_from_config(model_config, "tiny", torch.device("cpu"))
+    model = tiny_from_config(model_config, "tiny", device)
     model.transformer.init_weights()
     optimizers = {
         "vae": torch.optim.AdamW(model.vae.parameters(), lr=train.vae.lr, weight_decay=0.0),
@@ -73,7 +80,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
                 log.info("ShapesEval of VAE reconstructions: %.3f %s", vae_scores["overall"], vae_scores["per_category"])
 
     export_dir = REPO_ROOT / train.export_dir if not os.path.isabs(train.export_dir) else Path(train.export_dir)
-    export(model, model_config, export_dir, cfg, state)
+    export(model, model_config, export_dir, cfg, state, getattr(torch, train.export_dtype))
     recorder.save_figure(loss_curves(recorder.run_dir / "results.jsonl"), "loss_curves")
     return {
         "export_dir": str(export_dir), "steps": {k: state[k] for k in PHASES}, "train_seconds": state["seconds"],
@@ -91,30 +98,97 @@ def train_phase(
     modules = [model.vae] if phase == "vae" else [model.transformer, model.text_encoder]
     for module in modules:
         module.train()
+    budget = phase_cfg.max_minutes * 60 if phase_cfg.max_minutes else math.inf
+    seconds_key = f"{phase}_seconds"
+    state.setdefault(seconds_key, 0.0)
+    batches = world_batches(phase, cfg, first_step=state[phase], pin_memory=model.device.type == "cuda")
     bar = tqdm(range(state[phase], phase_cfg.steps), desc=f"train {phase}", initial=state[phase], total=phase_cfg.steps)
-    for step in bar:
+    for step, batch in zip(bar, batches):
         started = time.perf_counter()
-        set_learning_rate(optimizer, phase_cfg, step)
-        losses = step_fn(model, phase_cfg, step, seed=hash_seed(cfg.seed, phase, step))
+        progress = max(step / phase_cfg.steps, state[seconds_key] / budget)
+        set_learning_rate(optimizer, phase_cfg, step, progress)
+        with autocast(model.device, train.autocast):
+            losses = step_fn(model, phase_cfg, to_device(batch, model.device), step, hash_seed(cfg.seed, phase, step))
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], phase_cfg.grad_clip)
         optimizer.step()
         state[phase] = step + 1
-        state["seconds"] += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        state["seconds"] += elapsed
+        state[seconds_key] += elapsed
+        out_of_time = state[seconds_key] >= budget
         row = {"phase": phase, "step": step + 1, **{k: v.item() for k, v in losses.items()}}
         bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if (step + 1) % train.log_every == 0:
+        if (step + 1) % train.log_every == 0 or out_of_time:
             recorder.log(row)
-        if (step + 1) % train.checkpoint_every == 0 or step + 1 == phase_cfg.steps or stop.is_set():
+        if (step + 1) % train.checkpoint_every == 0 or step + 1 == phase_cfg.steps or stop.is_set() or out_of_time:
             save_state(recorder.run_dir / STATE_FILE, model, optimizers, state)
         if stop.is_set():
             log.info("stopped after %s step %d; continue with train.resume=%s", phase, step + 1, recorder.run_dir)
             raise KeyboardInterrupt
+        if out_of_time:
+            log.info("%s phase: max_minutes=%s reached after step %d", phase, phase_cfg.max_minutes, step + 1)
+            break
     for module in modules:
         module.eval()
     if phase_cfg.steps:
         save_samples(model, recorder, phase, cfg.seed)
+
+
+def world_batches(
+    phase: str, cfg: DictConfig, first_step: int, pin_memory: bool
+) -> Iterator[tuple[Tensor, list[str]]]:
+    """The phase's batches from `first_step` on, in step order: batch `step` is drawn from the world with a seed
+    derived from the step (so a resumed run sees the same data), by `train.data_workers` processes ahead of the
+    training loop (0: in this process)."""
+    phase_cfg = cfg.train[phase]
+    steps = range(first_step, phase_cfg.steps)
+    sizes = {step: batch_size(phase_cfg, step) for step in steps}
+    seeds = {step: hash_seed(cfg.seed, phase, step) for step in steps}
+    dataset = WorldBatches(sizes, seeds)
+    workers = cfg.train.data_workers
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=steps, num_workers=workers, prefetch_factor=4 if workers else None,
+        pin_memory=pin_memory,
+    )
+    return iter(loader)
+
+
+class WorldBatches(torch.utils.data.Dataset):
+    """Step -> (images in [-1, 1], captions) of that step's batch size and seed."""
+
+    def __init__(self, sizes: dict[int, int], seeds: dict[int, int]):
+        self.sizes, self.seeds = sizes, seeds
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, step: int) -> tuple[Tensor, list[str]]:
+        images, captions, _ = sample_batch(self.sizes[step], seed=self.seeds[step])
+        return images, captions
+
+
+def batch_size(phase_cfg: DictConfig, step: int) -> int:
+    return curriculum_entry(phase_cfg, step).batch_size if "curriculum" in phase_cfg else phase_cfg.batch_size
+
+
+def curriculum_entry(phase_cfg: DictConfig, step: int) -> DictConfig:
+    return phase_cfg.curriculum[step % len(phase_cfg.curriculum)]
+
+
+def to_device(batch: tuple[Tensor, list[str]], device: torch.device) -> tuple[Tensor, list[str]]:
+    images, captions = batch
+    return images.to(device, non_blocking=True), captions
+
+
+def autocast(device: torch.device, mode: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for `mode` bf16, or auto on CUDA (Infinity trains in bf16); fp32 otherwise (on this CPU bf16
+    autocast is ~150x slower than fp32)."""
+    if mode not in ("auto", "bf16", "fp32"):
+        raise UserError(f"train.autocast={mode!r}: use auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32")
+    enabled = mode == "bf16" or (mode == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @contextlib.contextmanager
@@ -140,13 +214,15 @@ def hash_seed(seed: int, phase: str, step: int) -> int:
     return seed * 1_000_003 + (0 if phase == "vae" else 500_000_000) + step
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, phase_cfg: DictConfig, step: int) -> None:
-    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak."""
+def set_learning_rate(optimizer: torch.optim.Optimizer, phase_cfg: DictConfig, step: int, progress: float) -> None:
+    """Linear warm-up over the first `warmup` steps, then cosine decay to `min_lr_ratio` of the peak as the
+    phase's `progress` (0..1) goes on."""
     if step < phase_cfg.warmup:
         factor = (step + 1) / phase_cfg.warmup
     else:
-        progress = (step - phase_cfg.warmup) / max(1, phase_cfg.steps - phase_cfg.warmup)
-        factor = phase_cfg.min_lr_ratio + (1 - phase_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        warmup_share = phase_cfg.warmup / max(1, phase_cfg.steps)
+        after_warmup = min(1.0, max(0.0, (progress - warmup_share) / max(1e-9, 1 - warmup_share)))
+        factor = phase_cfg.min_lr_ratio + (1 - phase_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * after_warmup))
     for group in optimizer.param_groups:
         group["lr"] = phase_cfg.lr * factor
 
@@ -155,14 +231,16 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, phase_cfg: DictConfig, s
 # Losses
 
 
-def vae_step(model: TextToImageModel, phase_cfg: DictConfig, step: int, seed: int) -> dict:
+def vae_step(
+    model: TextToImageModel, phase_cfg: DictConfig, batch: tuple[Tensor, list[str]], step: int, seed: int
+) -> dict:
     """Reconstruction through the multi-scale quantiser with straight-through gradients, plus commitment.
 
     The pixel loss weighs object pixels (and a 2-pixel band around them) `object_weight` times more than the
     background: a blurred corner turns a diamond into a circle for ShapesEval, a blurred background texture
     costs nothing, and a small decoder cannot afford to spend its capacity evenly.
     """
-    images, _, _ = sample_batch(phase_cfg.batch_size, seed=seed)
+    images, _ = batch
     vae = model.vae
     latent = vae.encode(images)
     quantized, _ = vae.quantize(latent, model.schedule)
@@ -185,36 +263,53 @@ def object_mask(images: Tensor) -> Tensor:
     return F.max_pool2d(objects, kernel_size=5, stride=1, padding=2)
 
 
-def transformer_step(model: TextToImageModel, phase_cfg: DictConfig, step: int, seed: int) -> dict:
+def transformer_step(
+    model: TextToImageModel, phase_cfg: DictConfig, batch: tuple[Tensor, list[str]], step: int, seed: int
+) -> dict:
     """Teacher-forced bitwise cross-entropy over every token of the first `scales` scales of the curriculum
-    entry for this step (all scales when `scales` is null), with bitwise self-correction."""
-    entry = phase_cfg.curriculum[step % len(phase_cfg.curriculum)]
-    images, captions, _ = sample_batch(entry.batch_size, seed=seed)
+    entry for this step (all scales when `scales` is null), with bitwise self-correction; tokens on and around
+    objects weigh `object_weight` times more.
+
+    The per-token weights average over tokens, not scales: the last scales hold most tokens, and that is where
+    a shape's edges are drawn. Most of the world's pixels are background, so without the object weight the loss
+    is spent on the faint background wave rather than on the geometry that decides what a shape is.
+    """
+    images, captions = batch
     transformer, vae = model.transformer, model.vae
-    schedule = model.schedule[: entry.scales or len(model.schedule)]
+    schedule = model.schedule[: curriculum_entry(phase_cfg, step).scales or len(model.schedule)]
     num_tokens = sum(h * w for h, w in schedule)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(seed)
         flips = self_correction_flips(len(captions), model.schedule, vae.bits_per_token, phase_cfg.self_correction, generator)
+        flips = [flip.to(images.device) for flip in flips]
         _, bits = vae.quantize(vae.encode(images), model.schedule, flips)
         corrupted = [scale_bits ^ flip.long() for scale_bits, flip in zip(bits, flips)]
         # A prefix of the scales is a complete block-causal sample: its inputs are a prefix of the full ones.
         scale_inputs = vae.teacher_forcing_inputs(corrupted, model.schedule)[:, : num_tokens - 1]
     tokens = model.text_encoder.encode(captions)
     features, lengths = tokens.features, tokens.lengths
-    dropped = torch.rand(len(captions)) < phase_cfg.cond_drop  # learn the null text for CFG
+    dropped = torch.rand(len(captions), device=images.device) < phase_cfg.cond_drop  # learn the null text for CFG
     features = torch.where(dropped[:, None, None], transformer.null_text(lengths, features.shape[1]), features)
     text = transformer.encode_text(features, lengths, with_null=False)
     logits = transformer(scale_inputs, text, schedule, model.rope_grid)
     labels = torch.cat([b.flatten(1, 2) for b in bits[: len(schedule)]], dim=1)  # (B, L, bits)
     per_bit = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none").view(labels.shape)
-    loss = (per_bit.mean(dim=(0, 2)) * token_weights(schedule)).sum()
+    weights = object_token_weights(images, schedule, phase_cfg.object_weight)  # (B, L)
+    loss = (per_bit.mean(dim=2) * weights).sum() / weights.sum()
     with torch.no_grad():
         accuracy = (logits.reshape(*labels.shape, 2).argmax(-1) == labels).float().mean()
     return {"loss": loss, "bit_accuracy": accuracy}
 
 
 PHASES = {"vae": vae_step, "transformer": transformer_step}  # trained in this order
+
+
+def object_token_weights(images: Tensor, schedule: list[tuple[int, int]], object_weight: float) -> Tensor:
+    """(B, L) loss weight per token: `object_weight` where the token's cell touches an object or its 2-pixel band
+    (see object_mask), 1 elsewhere."""
+    mask = object_mask(images)
+    cells = [F.adaptive_max_pool2d(mask, grid).flatten(1) for grid in schedule]
+    return 1 + (object_weight - 1) * torch.cat(cells, dim=1)
 
 
 def self_correction_flips(
@@ -239,18 +334,6 @@ def check_curriculum(curriculum: list, num_scales: int) -> None:
                 f"train.transformer.curriculum entry {dict(entry)}: batch_size must be >= 1 and scales null "
                 f"(all) or 1..{num_scales} (the schedule's length)"
             )
-
-
-def token_weights(schedule: list[tuple[int, int]]) -> torch.Tensor:
-    """Loss weight per token, proportional to 1 / sqrt(tokens in its scale), summing to 1.
-
-    A plain token mean lets the 256 texture tokens of the last scale outweigh the 121 tokens of the first
-    five scales, where layout and colour are decided; this halfway point between token and scale means
-    spends more of a small CPU budget on semantics.
-    """
-    sizes = torch.tensor([h * w for h, w in schedule], dtype=torch.float32)
-    weights = torch.repeat_interleave(sizes.rsqrt(), sizes.long())
-    return weights / weights.sum()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,14 +378,15 @@ def vae_reconstruction_scores(model: TextToImageModel, seed: int) -> dict:
     suite = load_suite()
     renders = torch.stack([torch.from_numpy(render(item, rng)) for item in suite]).permute(0, 3, 1, 2) / 127.5 - 1
     with torch.no_grad():
-        quantized, _ = model.vae.quantize(model.vae.encode(renders), model.schedule)
-        reconstructions = to_uint8(model.vae.decode(quantized))
+        quantized, _ = model.vae.quantize(model.vae.encode(renders.to(model.device)), model.schedule)
+        reconstructions = to_uint8(model.vae.decode(quantized)).cpu()
     return evaluate(list(reconstructions.numpy()), suite)
 
 
 def save_samples(model: TextToImageModel, recorder: RunRecorder, phase: str, seed: int) -> None:
     """A look at the phase's result: VAE reconstructions, or generations for fixed prompts."""
     images, captions, _ = sample_batch(8, seed=seed + 12345)
+    images = images.to(model.device)
     with torch.no_grad():
         if phase == "vae":
             quantized, _ = model.vae.quantize(model.vae.encode(images), model.schedule)
@@ -312,7 +396,7 @@ def save_samples(model: TextToImageModel, recorder: RunRecorder, phase: str, see
             pictures = torch.cat((images, generated.images.permute(0, 3, 1, 2).float() / 127.5 - 1))
     fig, axes = plt.subplots(2, 8, figsize=(16, 4.4))
     for axis, picture in zip(axes.flat, pictures):
-        axis.imshow(((picture.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+        axis.imshow(((picture.permute(1, 2, 0) + 1) / 2).clamp(0, 1).cpu().numpy())
         axis.axis("off")
     for axis, caption in zip(axes[0], captions):
         axis.set_title(caption.removeprefix("a photo of "), fontsize=7)
@@ -320,18 +404,31 @@ def save_samples(model: TextToImageModel, recorder: RunRecorder, phase: str, see
     recorder.save_figure(fig, f"samples_{phase}")
 
 
-def export(model: TextToImageModel, model_config: dict, folder: Path, cfg: DictConfig, state: dict) -> None:
+def export(
+    model: TextToImageModel, model_config: dict, folder: Path, cfg: DictConfig, state: dict, dtype: torch.dtype
+) -> None:
+    """The weights as safetensors in `dtype` (loading casts them back to fp32) and config.json."""
     folder.mkdir(parents=True, exist_ok=True)
     metadata = {"steps": json.dumps({k: state[k] for k in ("vae", "transformer")})}
     for part in ("transformer", "vae", "text_encoder"):
-        save_safetensors(getattr(model, part).state_dict(), folder / f"{part}.safetensors", metadata)
+        weights = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                   for name, tensor in getattr(model, part).state_dict().items()}
+        save_safetensors(weights, folder / f"{part}.safetensors", metadata)
     config = {
         **model_config,
-        "training": {"command": "python run.py experiment=train_tiny", "steps": {k: state[k] for k in ("vae", "transformer")},
+        "training": {"command": launch_command(),
+                     "device": str(model.device), "steps": {k: state[k] for k in ("vae", "transformer")},
                      "train_seconds": round(state["seconds"]), "settings": OmegaConf.to_container(cfg.train, resolve=True)},
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     log.info("exported the tiny model to %s", folder)
+
+
+def launch_command() -> str:
+    try:
+        return " ".join(["python run.py", *HydraConfig.get().overrides.task])
+    except ValueError:  # called outside a Hydra run (tests compose the config themselves)
+        return "python run.py experiment=train_tiny"
 
 
 def loss_curves(results_path: Path):

@@ -72,10 +72,10 @@ def test_self_correction_flips_a_per_sample_fraction_of_the_bits_up_to_the_maxim
 
 
 def test_sigterm_stops_after_the_current_step_with_the_state_saved(tmp_path, monkeypatch):
-    def vae_step_then_sigterm(model, phase_cfg, step, seed):
+    def vae_step_then_sigterm(model, phase_cfg, batch, step, seed):
         if step == 1:
             signal.raise_signal(signal.SIGTERM)  # arrives mid-step, as a scheduler's stop would
-        return train_tiny.vae_step(model, phase_cfg, step, seed)
+        return train_tiny.vae_step(model, phase_cfg, batch, step, seed)
 
     monkeypatch.setitem(train_tiny.PHASES, "vae", vae_step_then_sigterm)
     with pytest.raises(KeyboardInterrupt):
@@ -87,12 +87,12 @@ def test_sigterm_stops_after_the_current_step_with_the_state_saved(tmp_path, mon
 
 
 def test_a_second_sigterm_stops_at_once(tmp_path, monkeypatch):
-    def vae_step_then_two_sigterms(model, phase_cfg, step, seed):
+    def vae_step_then_two_sigterms(model, phase_cfg, batch, step, seed):
         if step == 1:
             signal.raise_signal(signal.SIGTERM)
             signal.raise_signal(signal.SIGTERM)
             raise AssertionError("the second SIGTERM should have stopped the step")
-        return train_tiny.vae_step(model, phase_cfg, step, seed)
+        return train_tiny.vae_step(model, phase_cfg, batch, step, seed)
 
     monkeypatch.setitem(train_tiny.PHASES, "vae", vae_step_then_two_sigterms)
     with pytest.raises(KeyboardInterrupt):
