@@ -52,9 +52,12 @@ STATE_FILE = "train_state.pt"
 
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     train = cfg.train
+    check_settings(train, len(train.arch.schedule))
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(train.threads or torch.get_num_threads())
     device = resolve_device(cfg.device)
+    if device.type == "cuda":  # TF32 for the parts that stay in fp32 (the VAE)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model_config = {**OmegaConf.to_container(train.arch, resolve=True), "vocabulary": VOCABULARY}
     model = tiny_from_config(model_config, "tiny", device)
     model.transformer.init_weights()
@@ -71,7 +74,6 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         carry_over_results(Path(train.resume) / "results.jsonl", recorder, state)
         log.info("resumed from %s at %s", train.resume, state)
 
-    check_curriculum(train.transformer.curriculum, len(model.schedule))
     with stop_requests() as stop:
         for phase in PHASES:
             train_phase(phase, cfg, model, optimizers, state, recorder, stop)
@@ -107,8 +109,7 @@ def train_phase(
         started = time.perf_counter()
         progress = max(step / phase_cfg.steps, state[seconds_key] / budget)
         set_learning_rate(optimizer, phase_cfg, step, progress)
-        with autocast(model.device, train.autocast):
-            losses = step_fn(model, phase_cfg, to_device(batch, model.device), step, hash_seed(cfg.seed, phase, step))
+        losses = step_fn(model, phase_cfg, to_device(batch, model.device), step, hash_seed(cfg.seed, phase, step))
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], phase_cfg.grad_clip)
@@ -182,11 +183,12 @@ def to_device(batch: tuple[Tensor, list[str]], device: torch.device) -> tuple[Te
     return images.to(device, non_blocking=True), captions
 
 
+AUTOCAST_MODES = ("auto", "bf16", "fp32")
+
+
 def autocast(device: torch.device, mode: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for `mode` bf16, or auto on CUDA (Infinity trains in bf16); fp32 otherwise (on this CPU bf16
     autocast is ~150x slower than fp32)."""
-    if mode not in ("auto", "bf16", "fp32"):
-        raise UserError(f"train.autocast={mode!r}: use auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32")
     enabled = mode == "bf16" or (mode == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -278,7 +280,7 @@ def transformer_step(
     transformer, vae = model.transformer, model.vae
     schedule = model.schedule[: curriculum_entry(phase_cfg, step).scales or len(model.schedule)]
     num_tokens = sum(h * w for h, w in schedule)
-    with torch.no_grad():
+    with torch.no_grad():  # the VAE stays in fp32: bf16 would move the signs that become the labels
         generator = torch.Generator().manual_seed(seed)
         flips = self_correction_flips(len(captions), model.schedule, vae.bits_per_token, phase_cfg.self_correction, generator)
         flips = [flip.to(images.device) for flip in flips]
@@ -286,12 +288,13 @@ def transformer_step(
         corrupted = [scale_bits ^ flip.long() for scale_bits, flip in zip(bits, flips)]
         # A prefix of the scales is a complete block-causal sample: its inputs are a prefix of the full ones.
         scale_inputs = vae.teacher_forcing_inputs(corrupted, model.schedule)[:, : num_tokens - 1]
-    tokens = model.text_encoder.encode(captions)
-    features, lengths = tokens.features, tokens.lengths
-    dropped = torch.rand(len(captions), device=images.device) < phase_cfg.cond_drop  # learn the null text for CFG
-    features = torch.where(dropped[:, None, None], transformer.null_text(lengths, features.shape[1]), features)
-    text = transformer.encode_text(features, lengths, with_null=False)
-    logits = transformer(scale_inputs, text, schedule, model.rope_grid)
+    with autocast(images.device, phase_cfg.autocast):
+        tokens = model.text_encoder.encode(captions)
+        features, lengths = tokens.features, tokens.lengths
+        dropped = torch.rand(len(captions), device=images.device) < phase_cfg.cond_drop  # learn the null text for CFG
+        features = torch.where(dropped[:, None, None], transformer.null_text(lengths, features.shape[1]), features)
+        text = transformer.encode_text(features, lengths, with_null=False)
+        logits = transformer(scale_inputs, text, schedule, model.rope_grid)  # head logits are fp32
     labels = torch.cat([b.flatten(1, 2) for b in bits[: len(schedule)]], dim=1)  # (B, L, bits)
     per_bit = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none").view(labels.shape)
     weights = object_token_weights(images, schedule, phase_cfg.object_weight)  # (B, L)
@@ -327,8 +330,16 @@ def self_correction_flips(
     return [torch.rand(batch_size, h, w, bits_per_token, generator=generator) < probability for h, w in schedule]
 
 
-def check_curriculum(curriculum: list, num_scales: int) -> None:
-    for entry in curriculum:
+def check_settings(train: DictConfig, num_scales: int) -> None:
+    """Fail before any training on settings that would otherwise fail mid-run."""
+    if train.transformer.autocast not in AUTOCAST_MODES:
+        raise UserError(
+            f"train.transformer.autocast={train.transformer.autocast!r}: use auto (bf16 on CUDA, fp32 on the CPU), "
+            "bf16 or fp32"
+        )
+    if train.export_dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"train.export_dtype={train.export_dtype!r}: use float32, bfloat16 or float16")
+    for entry in train.transformer.curriculum:
         if entry.batch_size < 1 or not (entry.scales is None or 1 <= entry.scales <= num_scales):
             raise UserError(
                 f"train.transformer.curriculum entry {dict(entry)}: batch_size must be >= 1 and scales null "

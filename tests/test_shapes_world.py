@@ -128,17 +128,18 @@ def test_geneval_relation_semantics():
     assert relations_between((20, 20, 30, 30), left) == {"right of", "below"}  # diagonal: both
 
 
-def test_objects_are_saturated_on_a_low_saturation_textured_background():
+def test_objects_are_saturated_on_a_low_saturation_background_with_faint_fine_detail():
     images, _, _ = sample_batch(32, seed=5)
     rgb = (images.permute(0, 2, 3, 1).numpy() + 1) / 2
     saturation = rgb_to_hsv(rgb)[..., 1]
     object_fraction = (saturation > 0.7).mean(axis=(1, 2))
     assert np.all(object_fraction > 0.02)  # every image shows objects
     assert np.all(((saturation > 0.16) & (saturation < 0.7)).mean(axis=(1, 2)) < 0.05)  # only edges in between
-    # Fine texture, not flat colour: neighbouring background pixels differ.
+    # Not flat colour, but no grain either: neighbouring background pixels differ by a little.
     background_pairs = (saturation[:, :, 1:] < 0.16) & (saturation[:, :, :-1] < 0.16)
     step = np.abs(np.diff(rgb, axis=2)).mean(axis=-1)
-    assert np.all((step * background_pairs).sum(axis=(1, 2)) / background_pairs.sum(axis=(1, 2)) > 0.004)
+    mean_step = (step * background_pairs).sum(axis=(1, 2)) / background_pairs.sum(axis=(1, 2))
+    assert np.all(mean_step > 0.0005) and np.all(mean_step < 0.03)
 
 
 def test_render_rejects_prompts_outside_the_world():

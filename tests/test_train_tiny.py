@@ -1,14 +1,19 @@
-"""train_tiny: a 2-step smoke run of both phases, export, loading, and resuming an interrupted run."""
+"""train_tiny: smoke runs of both phases (CPU preset and GPU preset), export, loading, resuming, time caps, the loss weights."""
 
 import json
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from accel.sampler import SamplingConfig, generate
+from evals.shapes_world import render
 from experiments import train_tiny
 from experiments.recorder import RunRecorder
 from models.pipeline import load_tiny
@@ -98,3 +103,65 @@ def test_a_second_sigterm_stops_at_once(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "first", tmp_path / "tiny", 4, "train.checkpoint_every=100")
     assert not (tmp_path / "first" / train_tiny.STATE_FILE).exists()  # no checkpoint was due yet
+
+
+def test_the_gpu_preset_runs_on_the_cpu_with_worker_processes_and_exports_fp16(tmp_path):
+    """A smoke run of experiment=train_tiny_gpu (scripts/gpu_train.sh's training) with its worker processes,
+    bf16 autocast and fp16 export; loading casts the weights back to fp32."""
+    overrides = [f"train.export_dir={tmp_path / 'tiny'}", "train.vae.steps=1", "train.transformer.steps=1",
+                 "device=cpu", "train.threads=1", "train.data_workers=1", "train.transformer.autocast=bf16"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", ["experiment=train_tiny_gpu", *SMALL_ARCH, *overrides])
+    assert cfg.train.export_dtype == "float16"
+    with RunRecorder(cfg, tmp_path / "run") as recorder:
+        summary = train_tiny.run(cfg, recorder)
+    assert summary["steps"] == {"vae": 1, "transformer": 1}
+    stored = safetensors.torch.load_file(tmp_path / "tiny" / "transformer.safetensors")
+    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}
+    model = load_tiny("tiny", torch.device("cpu"), str(tmp_path / "tiny"))
+    assert next(model.transformer.parameters()).dtype == torch.float32
+    assert json.loads((tmp_path / "tiny" / "config.json").read_text())["training"]["device"] == "cpu"
+
+
+def test_worker_processes_draw_the_same_batches_as_the_training_process():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", ["experiment=train_tiny", *SMALL_ARCH, "train.vae.steps=5"])
+    in_process = list(train_tiny.world_batches("vae", cfg, first_step=2, pin_memory=False))
+    cfg.train.data_workers = 2
+    from_workers = list(train_tiny.world_batches("vae", cfg, first_step=2, pin_memory=False))
+    assert len(in_process) == len(from_workers) == 3  # steps 2, 3, 4: a resumed run continues the data stream
+    for (images, captions), (worker_images, worker_captions) in zip(in_process, from_workers):
+        assert torch.equal(images, worker_images) and captions == worker_captions
+
+
+def test_a_phase_stops_at_its_time_cap_and_the_run_still_exports(tmp_path):
+    summary = train(tmp_path / "run", tmp_path / "tiny", 50, "train.transformer.max_minutes=1e-6")
+    assert summary["steps"] == {"vae": 50, "transformer": 1}
+    assert (tmp_path / "tiny" / "transformer.safetensors").exists()
+
+
+def test_the_learning_rate_decays_with_progress_whether_steps_or_time():
+    phase_cfg = OmegaConf.create({"lr": 1.0, "warmup": 10, "steps": 100, "min_lr_ratio": 0.05})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    rates = {}
+    for step, progress in [(0, 0.0), (9, 0.09), (10, 0.1), (20, 0.55), (20, 1.0)]:
+        train_tiny.set_learning_rate(optimizer, phase_cfg, step, progress)
+        rates[step, progress] = optimizer.param_groups[0]["lr"]
+    assert rates[0, 0.0] == pytest.approx(0.1) and rates[9, 0.09] == pytest.approx(1.0)  # linear warm-up
+    assert rates[10, 0.1] == pytest.approx(1.0)
+    assert rates[20, 0.55] == pytest.approx(0.525)  # half-way through the decay: the mean of peak and floor
+    assert rates[20, 1.0] == pytest.approx(0.05)  # out of time at step 20: decayed all the way
+
+
+def test_tokens_on_and_around_objects_weigh_more():
+    metadata = {"tag": "single_object", "include": [{"class": "square", "count": 1}], "prompt": "a photo of a square"}
+    image = torch.from_numpy(render(metadata, np.random.default_rng(0))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    schedule = [(1, 1), (4, 4), (16, 16)]
+    weights = train_tiny.object_token_weights(image, schedule, object_weight=4.0)
+    assert weights.shape == (1, 1 + 16 + 256) and set(weights.unique().tolist()) == {1.0, 4.0}
+    assert weights[0, 0] == 4.0  # the 1x1 scale's one token covers the object
+    finest = weights[0, 17:].view(16, 16)
+    mask = train_tiny.object_mask(image)[0, 0]  # (64, 64): the object and a 2-pixel band
+    cells_with_object = F.max_pool2d(mask[None, None], 4)[0, 0].bool()
+    assert torch.equal(finest == 4.0, cells_with_object)
+    assert 0 < cells_with_object.float().mean() < 0.5
