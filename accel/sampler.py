@@ -146,8 +146,13 @@ def generate(
     observers: Sequence[Observer] = (),
     decode: bool = True,
     progress: bool = False,
+    forced_bits: Sequence[Tensor] = (),
 ) -> Generation:
-    """Generate one image per prompt. The same prompts, seed and plans give the same images."""
+    """Generate one image per prompt. The same prompts, seed and plans give the same images.
+
+    `forced_bits` (B, h, w, bits) per scale, for the first scales: taken instead of sampled bits (a ground-truth
+    prefix, to see where a model loses the image; experiments/prefix_probe.py).
+    """
     policy = policy or BaselinePolicy()
     transformer, vae, schedule = model.transformer, model.vae, model.schedule
     batch = len(prompts)
@@ -198,7 +203,10 @@ def generate(
         if branches == "both":
             logits = cfg[k] * logits[:batch] + (1 - cfg[k]) * logits[batch:]
 
-        bits = sample_bits(logits, sampling.top_k, sampling.top_p, generator).view(batch, *grid, -1)
+        if k < len(forced_bits):
+            bits = forced_bits[k].to(model.device)
+        else:
+            bits = sample_bits(logits, sampling.top_k, sampling.top_p, generator).view(batch, *grid, -1)
         latent = latent + resize_latent(vae.bits_to_codes(bits), final_size)
         all_bits.append(bits)
         previous_hidden, previous_grid = hidden, grid

@@ -71,3 +71,13 @@ def test_top_p_removes_the_unlikely_value_of_each_bit():
     samples = torch.stack([sample_bits(logits, 0, 0.97, generator) for _ in range(200)])
     assert samples[..., 0].eq(0).all()
     assert samples[..., 1].float().mean().item() == pytest.approx(0.5, abs=0.15)
+
+
+def test_forced_bits_replace_the_sampled_ones_of_the_first_scales(model):
+    sampling = SamplingConfig(cfg=3.0, tau=1.0)
+    truth = generate(model, PROMPTS, sampling, seed=1).bits
+    forced = generate(model, PROMPTS, sampling, seed=2, forced_bits=truth[:2]).bits
+    assert all(torch.equal(f, t) for f, t in zip(forced[:2], truth[:2]))
+    assert not torch.equal(forced[-1], truth[-1])  # the free scales are sampled from seed 2
+    everything = generate(model, PROMPTS, sampling, seed=2, forced_bits=truth)
+    assert all(torch.equal(f, t) for f, t in zip(everything.bits, truth))
