@@ -11,6 +11,7 @@ setting fits every schedule of a model family.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -25,6 +26,8 @@ from analysis.stages import load_stages
 from errors import UserError
 from models.pipeline import TextToImageModel
 from models.schedules import Grid
+
+log = logging.getLogger(__name__)
 
 KeptBranch = Literal["uncond", "cond"]
 RESIZE_MODES = ("area", "bilinear", "bicubic", "nearest", "nearest-exact")
@@ -102,6 +105,11 @@ def resolve_scale(spec: ModelSpec, key: str, value: int, allow_end: bool = False
 def first_refinement_scale(spec: ModelSpec, refinement_start: int, stages: dict | None) -> int:
     """The stage probe's refinement_start when a stages file is given, else accel.refinement_start."""
     if stages is not None:
+        if stages["refinement_start"] >= len(spec.schedule):
+            log.warning(
+                "NO REFINEMENT STAGE: the stages file of %s found none (refinement_start=%d of %d scales), so this "
+                "policy changes nothing", spec.name, stages["refinement_start"], len(spec.schedule)
+            )
         return stages["refinement_start"]
     return resolve_scale(spec, "refinement_start", refinement_start, allow_end=True)
 

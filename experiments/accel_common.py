@@ -4,14 +4,18 @@
 1. Speed: every method (the baseline first) generates the first batch of prompts; after warm-up rounds,
    `repeats` timed rounds call each method once, in order (baseline, a, b, baseline, a, b, ...), so slow drifts
    of the machine fall on all methods alike. Latency is the median of a method's repeats, end to end (text
-   encoding, every scale, VAE decoding) for one batch; speedup is the baseline median over the method's.
+   encoding, every scale, VAE decoding) for one batch, with their min and max; speedup is the baseline median
+   over the method's, with the min and max of the per-round ratios (baseline and method of the same round, run
+   one after the other). A speedup whose range includes 1 is "not significant"; a method whose MACs equal the
+   baseline's changes nothing the transformer computes and is a "no-op", its speedup 1 by construction.
    Peak memory: CUDA's peak allocated tensor memory; on the CPU the process's peak resident set size, which
    also counts memory the allocator keeps after a free, so it never understates. Both include the model.
 2. MACs: accel/macs.py counts the transformer blocks and head for the timed batch (analytic, not measured).
 3. Quality: the baseline generates every prompt once (seed + batch index per batch, as experiments/generate.py),
    then each method with the same seeds. Per image, the metrics of conf/metrics that compare with an image are
    taken against the baseline image of the same prompt and seed, those that compare with the prompt (CLIP
-   score) against the prompt; per set, ShapesEval (prompts=shapes_eval) and FID against the baseline set.
+   score) against the prompt; per set, ShapesEval (prompts=shapes_eval; its delta to the baseline with the
+   standard error of the paired per-image difference) and FID against the baseline set.
    A metric whose weights are missing is left out loudly and listed under `unavailable_metrics`.
 
 The summary holds one row per method (`methods`); the run folder gets the table, a Pareto figure (speedup
@@ -106,6 +110,11 @@ class Timing:
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    def speedup_range(self, baseline: Timing) -> tuple[float, float]:
+        """Min and max over rounds of the baseline's seconds over this method's, paired by round."""
+        ratios = [base / own for base, own in zip(baseline.seconds, self.seconds)]
+        return min(ratios), max(ratios)
 
 
 class PeakMemory:
@@ -210,8 +219,8 @@ class QualityProtocol:
         if self.shapes_eval:
             shapes = evaluate(images, self.prompts)
             scores["shapes_eval"], scores["shapes_eval_per_category"] = shapes["overall"], shapes["per_category"]
-            baseline_overall = shapes["overall"] if baseline is None else baseline.scores["shapes_eval"]
-            scores["shapes_eval_delta"] = shapes["overall"] - baseline_overall
+            baseline_passed = shapes["correct"] if baseline is None else [row["passed"] for row in baseline.per_image]
+            scores["shapes_eval_delta"], scores["shapes_eval_delta_se"] = paired_delta(shapes["correct"], baseline_passed)
             for row, passed in zip(per_image, shapes["correct"]):
                 row["passed"] = passed
         baseline_images = images if baseline is None else baseline.images
@@ -229,7 +238,7 @@ class QualityProtocol:
     @property
     def score_names(self) -> list[str]:
         """The set-level scores a method's row gets, in table order."""
-        names = ["shapes_eval", "shapes_eval_delta"] if self.shapes_eval else []
+        names = ["shapes_eval", "shapes_eval_delta", "shapes_eval_delta_se"] if self.shapes_eval else []
         names += [*self.prompt_metrics, *self.image_metrics]
         return names + (["fid"] if self.inception is not None else [])
 
@@ -239,6 +248,14 @@ class QualityProtocol:
             return False
         metric = {**self.image_metrics, **self.prompt_metrics}.get(name)
         return True if metric is None else metric.higher_is_better  # ShapesEval accuracy otherwise
+
+
+def paired_delta(passed: Sequence[bool], baseline_passed: Sequence[bool]) -> tuple[float, float]:
+    """Mean per-image difference in pass rate to the baseline (same prompts and seeds) and its standard error."""
+    differences = np.asarray(passed, dtype=float) - np.asarray(baseline_passed, dtype=float)
+    if len(differences) < 2:
+        return float(differences.mean()), float("nan")
+    return float(differences.mean()), float(differences.std(ddof=1) / np.sqrt(len(differences)))
 
 
 def quality_protocol(cfg: DictConfig, prompts: list[dict], seeds: list[int], with_fid: bool) -> QualityProtocol:
@@ -367,18 +384,29 @@ def measure_speed(
                           text_length=text_length, guidance=guidance).total
         for label, policy in policies.items()
     }
-    baseline_seconds, baseline_macs = timings[BASELINE].median, macs[BASELINE]
-    return [
-        {
-            "method": label,
-            "latency_s": timing.median,
-            "speedup": baseline_seconds / timing.median,
-            "peak_memory_mib": timing.peak_memory_mib,
-            "gmacs": macs[label] / 1e9,
-            "mac_speedup": baseline_macs / macs[label],
-        }
-        for label, timing in timings.items()
-    ]
+    return [speed_row(label, timing, timings[BASELINE], macs[label], macs[BASELINE]) for label, timing in timings.items()]
+
+
+def speed_row(label: str, timing: Timing, baseline: Timing, method_macs: float, baseline_macs: float) -> dict:
+    """A method's speed: latency with its spread, speedup with its range and verdict, MACs."""
+    no_op = label != BASELINE and method_macs == baseline_macs
+    if no_op:
+        log.warning(
+            "NO-OP: %s changes nothing the transformer computes (its MACs equal the baseline's), so its speedup is "
+            "1 by construction; a StageVAR fed a stages.json whose refinement stage is empty is one", label
+        )
+    speedup, (lowest, highest) = baseline.median / timing.median, timing.speedup_range(baseline)
+    if label == BASELINE or no_op:
+        speedup = lowest = highest = 1.0
+    verdict = "no-op" if no_op else "" if label == BASELINE or lowest > 1 or highest < 1 else "not significant"
+    return {
+        "method": label,
+        "latency_s": timing.median, "latency_min_s": min(timing.seconds), "latency_max_s": max(timing.seconds),
+        "speedup": speedup, "speedup_min": lowest, "speedup_max": highest, "speedup_verdict": verdict,
+        "peak_memory_mib": timing.peak_memory_mib,
+        "gmacs": method_macs / 1e9,
+        "mac_speedup": baseline_macs / method_macs,
+    }
 
 
 def measure_quality(
@@ -422,16 +450,32 @@ def generate_set(
     return images
 
 
-SPEED_COLUMNS = {"latency_s": "latency (s)", "speedup": "speedup", "mac_speedup": "MAC speedup",
-                 "peak_memory_mib": "peak memory (MiB)"}
-SCORE_HEADERS = {"shapes_eval": "ShapesEval", "shapes_eval_delta": "delta ShapesEval", "fid": "FID vs baseline"}
+SPEED_COLUMNS = ["latency (s)", "latency min-max", "speedup", "speedup min-max", "verdict", "MAC speedup",
+                 "peak memory (MiB)"]
+SCORE_HEADERS = {"shapes_eval": "ShapesEval", "shapes_eval_delta": "delta ShapesEval", "shapes_eval_delta_se": "+-",
+                 "fid": "FID vs baseline"}
 
 
 def comparison_table(rows: list[dict], score_names: Sequence[str]) -> tuple[list[str], list[list]]:
-    """Columns and rows of the method table: speed, then the quality scores (None where a row has none)."""
-    keys = [*SPEED_COLUMNS, *score_names]
-    columns = ["method", *SPEED_COLUMNS.values(), *(SCORE_HEADERS.get(name, name) for name in score_names)]
-    return columns, [[row["method"], *(row.get(key) for key in keys)] for row in rows]
+    """Columns and rows of the method table: speed with its spread and verdict, then the quality scores (None
+    where a row has none)."""
+    columns = ["method", *SPEED_COLUMNS, *(SCORE_HEADERS.get(name, name) for name in score_names)]
+    table = []
+    for row in rows:
+        speed = [
+            row["latency_s"], value_range(row, "latency_min_s", "latency_max_s", "{:.3g}"),
+            row["speedup"], value_range(row, "speedup_min", "speedup_max", "{:.2f}"), row.get("speedup_verdict"),
+            row["mac_speedup"], row["peak_memory_mib"],
+        ]
+        table.append([row["method"], *speed, *(row.get(name) for name in score_names)])
+    return columns, table
+
+
+def value_range(row: dict, low: str, high: str, number: str) -> str | None:
+    """'low-high' of a row, or None for rows written before ranges were measured (an old sweep job)."""
+    if low not in row:
+        return None
+    return f"{number.format(row[low])}-{number.format(row[high])}"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,9 +16,12 @@ from experiments import accel_eval
 from experiments.accel_common import (
     ParetoPoint,
     PeakMemory,
+    Timing,
     accel_option,
     methods_from,
+    paired_delta,
     pareto_front,
+    speed_row,
     time_interleaved,
 )
 from experiments.benchmark import infinity_2b_macs
@@ -56,6 +59,31 @@ def test_timing_interleaves_repeats_after_warm_up_and_reports_medians():
     assert slow.seconds[0] >= 0.3 and slow.median < 0.2  # the median ignores the one outlier
     assert 0.005 <= fast.median < slow.median
     assert slow.peak_memory_mib > 0
+
+
+def test_a_speedup_carries_the_range_of_its_rounds_and_says_when_it_is_not_significant():
+    baseline = Timing([1.0, 1.1, 0.9, 1.0, 1.2], None)
+    faster = speed_row("fast", Timing([0.5, 0.5, 0.5, 0.6, 0.5], None), baseline, 50.0, 100.0)
+    assert faster["speedup"] == pytest.approx(2.0) and faster["speedup_verdict"] == ""
+    assert (faster["speedup_min"], faster["speedup_max"]) == pytest.approx((1.0 / 0.6, 2.4))  # paired by round
+    assert (faster["latency_min_s"], faster["latency_max_s"]) == (0.5, 0.6)
+    noisy = speed_row("noisy", Timing([0.8, 1.2, 0.8, 1.1, 1.0], None), baseline, 90.0, 100.0)
+    assert noisy["speedup_min"] < 1 < noisy["speedup_max"] and noisy["speedup_verdict"] == "not significant"
+
+
+def test_a_plan_that_changes_no_mac_is_a_no_op_with_speedup_one(caplog: pytest.LogCaptureFixture):
+    baseline = Timing([1.6, 1.7, 1.6, 1.6, 1.7], None)
+    lucky = Timing([1.0, 1.0, 1.1, 1.0, 1.0], None)  # timing noise that would read as 1.6x
+    row = speed_row("stagevar", lucky, baseline, 100.0, 100.0)
+    assert (row["speedup"], row["speedup_min"], row["speedup_max"]) == (1.0, 1.0, 1.0)
+    assert row["speedup_verdict"] == "no-op" and row["mac_speedup"] == 1.0
+    assert "NO-OP: stagevar" in caplog.text
+
+
+def test_a_shapes_eval_delta_carries_the_standard_error_of_the_paired_difference():
+    delta, error = paired_delta([True, True, False, False], [True, False, False, True])
+    assert delta == 0.0 and error == pytest.approx(np.std([0, 1, 0, -1], ddof=1) / 2)
+    assert paired_delta([True, False], [True, False]) == (0.0, 0.0)
 
 
 def test_timing_refuses_fewer_than_five_repeats():
@@ -131,7 +159,7 @@ def test_accel_compare_tabulates_every_method_against_the_baseline(checkpoint: P
     assert methods["baseline"]["ssim"] == pytest.approx(1) and 0 < methods["skipvar"]["ssim"] < 1  # vs the baseline
 
     table = (run_dir / "tables" / "accel_compare.csv").read_text().splitlines()
-    assert table[0].startswith("method,latency (s),speedup,MAC speedup")
+    assert table[0].startswith("method,latency (s),latency min-max,speedup,speedup min-max,verdict,MAC speedup")
     assert [line.split(",")[0] for line in table[1:]] == ["baseline", "stagevar", "skipvar"]
     rows = read_rows(run_dir)
     assert sum(row["kind"] == "timing" for row in rows) == 3 * 5  # every method, every timed repeat

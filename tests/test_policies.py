@@ -158,6 +158,13 @@ def test_stagevar_takes_the_refinement_start_and_ranks_from_the_stages_file(mode
     assert probe_ranks[-1].kv_lengths == [1 + 4 + 5 + 9 + 20] * 4
 
 
+def test_a_stages_file_without_a_refinement_stage_warns_that_stagevar_changes_nothing(model, tmp_path, caplog):
+    path = stages_file(tmp_path, "small", [[s, s] for s in SCHEDULE], refinement_start=len(SCHEDULE), ranks=[1] * 5)
+    records = run(model, policy(model, "stagevar", stages_file=path))[0]
+    assert "NO REFINEMENT STAGE" in caplog.text
+    assert same(records, run(model, policy(model, "none"))[0])
+
+
 def test_fastvar_caches_only_the_kept_tokens_in_the_pruned_blocks(model):
     accel = policy(model, "fastvar", cache_scale=1, prune_scales=[2, 3], prune_ratios=[0.5, 0.25], skip_last=1,
                    pruned_layers=[0.25, 0.75])
