@@ -50,13 +50,11 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
             recorder.save_images([image.numpy()], [f"{item['index']:05d}"])
             recorder.log({"index": item["index"], "prompt": item["prompt"], "seed": cfg.seed + batch_index})
 
-    shown = cfg.generate.contact_sheet_size
-    recorder.save_figure(
-        caption_grid(images[:shown], [p["prompt"] for p in prompts[:shown]], cfg.generate.grid_columns), "contact_sheet"
-    )
     summary: dict = {"model": cfg.model.name, "num_images": len(images), "image_size": list(model.image_size)}
+    shown, passed = cfg.generate.contact_sheet_size, None
     if cfg.prompts.name == "shapes_eval":
         summary["shapes_eval"] = shapes_eval_table(images, prompts, recorder)
+        passed = summary["shapes_eval"]["correct"][:shown]
         if cfg.generate.fid:
             try:
                 summary["fid_vs_world"] = fid_against_world(images, prompts, cfg.seed, torch.device(cfg.device))
@@ -64,6 +62,8 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
             except MetricUnavailable as reason:
                 log.warning("METRIC LEFT OUT: fid (%s)", reason)
                 summary["unavailable_metrics"] = {"fid": str(reason)}
+    captions = [p["prompt"] for p in prompts[:shown]]
+    recorder.save_figure(caption_grid(images[:shown], captions, cfg.generate.grid_columns, passed), "contact_sheet")
     if cfg.prompts.name == "geneval":
         folder = recorder.run_dir / "geneval"
         export_geneval_layout(folder, prompts, [[image] for image in images])

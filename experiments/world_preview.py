@@ -9,6 +9,7 @@
 import logging
 import textwrap
 from collections import Counter
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -49,14 +50,21 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     return {"per_category": scores["per_category"], "overall": scores["overall"], "num_prompts": len(prompts)}
 
 
-def caption_grid(images: list[np.ndarray], captions: list[str], columns: int) -> Figure:
-    """Images in a grid, each titled with its wrapped caption."""
+def caption_grid(
+    images: list[np.ndarray], captions: list[str], columns: int, passed: Sequence[bool] | None = None
+) -> Figure:
+    """Images in a grid, each titled with its wrapped caption; with `passed`, marked ShapesEval pass (green) or
+    fail (red)."""
     rows = -(-len(images) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, image, caption in zip(axes.flat, images, captions):
+    for index, (axis, image, caption) in enumerate(zip(axes.flat, images, captions)):
         axis.imshow(image)
-        axis.set_title(textwrap.fill(caption, 28), fontsize=7)
+        if passed is None:
+            axis.set_title(textwrap.fill(caption, 28), fontsize=7)
+        else:
+            verdict, color = ("pass", "tab:green") if passed[index] else ("fail", "tab:red")
+            axis.set_title(textwrap.fill(f"{verdict}: {caption}", 28), fontsize=7, color=color)
     fig.tight_layout()
     return fig

@@ -165,3 +165,15 @@ def test_a_one_pixel_line_is_no_shape(recwarn):
     image[30, 10:50] = (255, 0, 0)  # 40 red pixels in a row: above the speck size, but no shape
     assert detect_objects(image) == []
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_contact_sheet_marks_each_image_pass_or_fail():
+    from experiments.world_preview import caption_grid
+
+    images = [np.zeros((8, 8, 3), dtype=np.uint8)] * 3
+    fig = caption_grid(images, ["a photo of a circle"] * 3, columns=3, passed=[True, False, True])
+    titles = [axis.title for axis in fig.axes]
+    assert [t.get_text().split(":")[0] for t in titles] == ["pass", "fail", "pass"]
+    assert titles[0].get_color() != titles[1].get_color()
+    unmarked = caption_grid(images, ["a photo of a circle"] * 3, columns=3)
+    assert unmarked.axes[0].title.get_text() == "a photo of a circle"
