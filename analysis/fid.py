@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 CHUNK = 16  # images per network call, so large sets do not need all their activations at once
 
@@ -44,7 +45,7 @@ class InceptionFeatures:
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 (H, W, 3) images -> (N, 2048) float64."""
         features = []
-        for start in range(0, len(images), CHUNK):
+        for start in tqdm(range(0, len(images), CHUNK), desc="Inception features (FID)", leave=False):
             chunk = images[start : start + CHUNK]
             resized = np.stack([Image.fromarray(image).resize((299, 299), Image.BICUBIC) for image in chunk])
             pixels = torch.from_numpy(resized).to(self.device).permute(0, 3, 1, 2).float()
