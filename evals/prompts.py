@@ -4,6 +4,7 @@ Every prompt is a dict with at least "prompt" and "index" (its position in the s
 `limit` cuts the list). GenEval and ShapesEval items also carry their metadata (tag, objects...).
 """
 
+from collections import deque
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -33,7 +34,19 @@ def load_prompts(prompts_cfg: DictConfig) -> list[dict]:
         return items
     if not isinstance(limit, int) or limit < 1:
         raise UserError(f"prompts.limit={limit!r} must be a positive whole number, or null for all prompts")
-    return items[:limit]
+    return round_robin(items, limit)
+
+
+def round_robin(items: list[dict], limit: int) -> list[dict]:
+    """The first `limit` prompts taken in turn from each category (GenEval's `tag`; untagged prompts form one), in
+    list order: a quick run of a category-sorted suite covers every category, not only the first."""
+    by_category: dict[str | None, deque[dict]] = {}
+    for item in items:
+        by_category.setdefault(item.get("tag"), deque()).append(item)
+    chosen: list[dict] = []
+    while len(chosen) < min(limit, len(items)):
+        chosen += [queue.popleft() for queue in by_category.values() if queue][: limit - len(chosen)]
+    return sorted(chosen, key=lambda item: item["index"])
 
 
 def _existing_path(prompts_cfg: DictConfig, what: str) -> Path:

@@ -164,7 +164,7 @@ def test_accel_compare_tabulates_every_method_against_the_baseline(checkpoint: P
     rows = read_rows(run_dir)
     assert sum(row["kind"] == "timing" for row in rows) == 3 * 5  # every method, every timed repeat
     assert {(row["method"], row["index"]) for row in rows if row["kind"] == "image"} == {
-        (method, index) for method in methods for index in range(4)
+        (method, index) for method in methods for index in (0, 56, 112, 168)  # one per category
     }
     assert (run_dir / "figures" / "pareto.png").is_file() and (run_dir / "figures" / "samples.png").is_file()
 

@@ -100,9 +100,14 @@ def test_default_prompts_are_the_indexed_shapes_suite():
     prompts = load_prompts(prompts_cfg())
     assert [item["index"] for item in prompts] == list(range(len(prompts)))
     assert all({"prompt", "tag", "include"} <= item.keys() for item in prompts)
-    assert [item["prompt"] for item in load_prompts(prompts_cfg("prompts.limit=2"))] == [
-        item["prompt"] for item in prompts[:2]
+
+    # A limit takes prompts in turn from each category (the suite is sorted by category), in suite order.
+    limited = load_prompts(prompts_cfg("prompts.limit=8"))
+    assert [item["tag"] for item in limited] == [
+        "single_object", "single_object", "two_object", "two_object", "counting", "colors", "position", "color_attr"
     ]
+    assert [item["index"] for item in limited] == [0, 1, 56, 57, 112, 168, 224, 280]
+    assert limited[2] == prompts[56]
 
 
 def test_prompt_list_from_the_command_line():
