@@ -362,7 +362,7 @@ def compare_methods(cfg: DictConfig, recorder: RunRecorder, methods: list[Method
     for row in rows:
         recorder.log({"kind": "method", **row})
     table = recorder.log_table(cfg.task, *comparison_table(rows, summary["scores"]))
-    print(f"{title}, median of {options.repeats} interleaved repeats\n{table}")
+    log.info(f"{title}, median of {options.repeats} interleaved repeats\n{table}")
     return summary
 
 

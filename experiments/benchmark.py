@@ -1,4 +1,4 @@
-"""benchmark: method x (latency median, speedup, MAC speedup, ShapesEval delta), in minutes on a CPU.
+"""benchmark: method x (latency, speedup with their spread, MAC speedup, ShapesEval delta), in minutes on a CPU.
 
 1. experiments/accel_common.py's protocol on the configured model with ShapesEval as the only quality measure.
    With model=infinity2b model.random_init=true it times the full architecture with random weights (no quality):
@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from omegaconf import DictConfig
 
 from accel.macs import count_macs
@@ -19,6 +21,8 @@ from experiments.accel_common import BASELINE, Method, compare_methods, methods_
 from experiments.recorder import RunRecorder
 from models.infinity import InfinityConfig
 from models.schedules import infinity_schedule
+
+log = logging.getLogger(__name__)
 
 # Wall-clock speedups on Infinity-2B in the paper's Table 1 (StageVAR's authors' numbers for all three).
 PAPER_SPEEDUPS = {"stagevar": 3.4, "fastvar": 2.75, "skipvar": 2.62}
@@ -33,7 +37,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         [[row["method"], row["tmacs"], row["mac_speedup"], paper_speedup(row["method"])] for row in rows],
     )
     settings = cfg.benchmark.infinity_2b
-    print(f"analytic MACs (transformer, head) on Infinity-2B, {settings.pn}, h/w {settings.h_div_w}, batch 1:\n{table}")
+    log.info(f"analytic MACs (transformer, head) on Infinity-2B, {settings.pn}, h/w {settings.h_div_w}, batch 1:\n{table}")
     return {**summary, "infinity_2b_macs": rows}
 
 

@@ -58,7 +58,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         if cfg.generate.fid:
             try:
                 summary["fid_vs_world"] = fid_against_world(images, prompts, cfg.seed, torch.device(cfg.device))
-                print(f"FID against {len(prompts)} ground-truth renders: {summary['fid_vs_world']:.2f}")
+                log.info(f"FID against {len(prompts)} ground-truth renders: {summary['fid_vs_world']:.2f}")
             except MetricUnavailable as reason:
                 log.warning("METRIC LEFT OUT: fid (%s)", reason)
                 summary["unavailable_metrics"] = {"fid": str(reason)}
@@ -77,7 +77,7 @@ def shapes_eval_table(images: list, prompts: list[dict], recorder: RunRecorder) 
     scores = evaluate(images, prompts)
     rows = [[tag, accuracy] for tag, accuracy in scores["per_category"].items()] + [["overall", scores["overall"]]]
     table = recorder.log_table("shapes_eval", ["category", "accuracy"], rows)
-    print("ShapesEval (GenEval protocol):\n" + table)
+    log.info("ShapesEval (GenEval protocol):\n" + table)
     return scores
 
 

@@ -48,7 +48,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         recorder.log(rows[-1])
     columns = list(rows[0])
     table = recorder.log_table("prefix_probe", columns, [[row[c] for c in columns] for row in rows])
-    print("ShapesEval with the first k scales forced to the ground truth's bits:\n" + table)
+    log.info("ShapesEval with the first k scales forced to the ground truth's bits:\n" + table)
     recorder.save_figure(prefix_curve(rows), "prefix_curve")
     return {
         "model": cfg.model.name, "num_prompts": len(prompts),

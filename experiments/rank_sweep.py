@@ -88,7 +88,7 @@ def aggregate(sweep_dir: Path, recorder: RunRecorder, pareto_quality: str) -> di
                      "rank_ratio": rank_ratio, "refinement_start": refinement_start})
     rows.sort(key=lambda row: (row["refinement_start"], row["rank_ratio"]))
     table = recorder.log_table("rank_sweep", *comparison_table([baseline, *rows], scores))
-    print(f"rank sweep {sweep_dir} ({len(rows)} settings):\n{table}")
+    log.info(f"rank sweep {sweep_dir} ({len(rows)} settings):\n{table}")
     points = [ParetoPoint(row["method"], row["speedup"], row[pareto_quality]) for row in [baseline, *rows]]
     title = f"rank sweep {sweep_dir.name}: {first['model']}"
     higher_is_better = first["higher_is_better"][pareto_quality]

@@ -161,6 +161,7 @@ def test_accel_compare_tabulates_every_method_against_the_baseline(checkpoint: P
     table = (run_dir / "tables" / "accel_compare.csv").read_text().splitlines()
     assert table[0].startswith("method,latency (s),latency min-max,speedup,speedup min-max,verdict,MAC speedup")
     assert [line.split(",")[0] for line in table[1:]] == ["baseline", "stagevar", "skipvar"]
+    assert "median of 5 interleaved repeats" in (run_dir / "run.log").read_text()  # the printed table is logged
     rows = read_rows(run_dir)
     assert sum(row["kind"] == "timing" for row in rows) == 3 * 5  # every method, every timed repeat
     assert {(row["method"], row["index"]) for row in rows if row["kind"] == "image"} == {
