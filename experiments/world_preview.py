@@ -50,21 +50,28 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     return {"per_category": scores["per_category"], "overall": scores["overall"], "num_prompts": len(prompts)}
 
 
+GRID_MAX_INCHES = (24, 16)  # width, height: 3,600 x 2,400 pixels at the recorder's 150 dpi
+PANEL_ASPECT = 1.18  # a panel's height over its width: the image and a three-line caption
+CAPTION_CHARS = 3 * 28  # three lines of 28 characters
+
+
 def caption_grid(
     images: list[np.ndarray], captions: list[str], columns: int, passed: Sequence[bool] | None = None
 ) -> Figure:
-    """Images in a grid, each titled with its wrapped caption; with `passed`, marked ShapesEval pass (green) or
-    fail (red)."""
+    """Images in a grid, each titled with its caption (at most three lines); with `passed`, marked ShapesEval pass
+    (green) or fail (red). Panels shrink so that a large grid stays within GRID_MAX_INCHES."""
     rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows), squeeze=False)
+    panel = min(2.2, GRID_MAX_INCHES[0] / columns, GRID_MAX_INCHES[1] / (PANEL_ASPECT * rows))
+    fig, axes = plt.subplots(rows, columns, figsize=(panel * columns, panel * PANEL_ASPECT * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for index, (axis, image, caption) in enumerate(zip(axes.flat, images, captions)):
         axis.imshow(image)
-        if passed is None:
-            axis.set_title(textwrap.fill(caption, 28), fontsize=7)
-        else:
+        color = "black"
+        if passed is not None:
             verdict, color = ("pass", "tab:green") if passed[index] else ("fail", "tab:red")
-            axis.set_title(textwrap.fill(f"{verdict}: {caption}", 28), fontsize=7, color=color)
+            caption = f"{verdict}: {caption}"
+        title = textwrap.fill(textwrap.shorten(caption, CAPTION_CHARS, placeholder=" ..."), 28)
+        axis.set_title(title, fontsize=max(4, 7 * panel / 2.2), color=color)
     fig.tight_layout()
     return fig

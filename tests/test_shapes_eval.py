@@ -177,3 +177,14 @@ def test_a_contact_sheet_marks_each_image_pass_or_fail():
     assert titles[0].get_color() != titles[1].get_color()
     unmarked = caption_grid(images, ["a photo of a circle"] * 3, columns=3)
     assert unmarked.axes[0].title.get_text() == "a photo of a circle"
+
+
+def test_a_large_grid_with_long_captions_stays_readable():
+    from experiments.world_preview import GRID_MAX_INCHES, caption_grid
+
+    images = [np.zeros((8, 8, 3), dtype=np.uint8)] * 96
+    fig = caption_grid(images, ["a photo of a red circle and a blue square " * 8] * 96, columns=8)
+    width, height = fig.get_size_inches()
+    assert width <= GRID_MAX_INCHES[0] + 1e-6 and height <= GRID_MAX_INCHES[1] + 1e-6
+    assert all(len(axis.title.get_text().splitlines()) <= 3 for axis in fig.axes)
+    assert fig.axes[0].title.get_text().endswith("...")
