@@ -136,7 +136,7 @@ class RunRecorder:
             tags=list(logger.tags),
             config=OmegaConf.to_container(self.cfg, resolve=True),
             dir=self.run_dir,
-            settings=wandb.Settings(quiet=not logger.verbose),  # its banner buries the run's own output
+            settings=wandb.Settings(quiet=not logger.get("verbose", False)),  # its banner buries the run's own output
         )
 
     def _write_summary(self, status: str, fields: dict[str, Any]) -> None:
