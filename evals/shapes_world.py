@@ -400,6 +400,14 @@ def render(metadata: dict, rng: np.random.Generator, resolution: int = 64) -> np
     return to_uint8_image(_render_float([metadata], rng, resolution)[0])
 
 
+def render_tensor(metadatas: list[dict], seed: int, resolution: int = 64) -> torch.Tensor:
+    """One render per prompt, drawn in order from one seeded generator: (n, 3, H, W) float32 in [-1, 1], from the
+    uint8 images that `render` returns (so it is the ground truth a scorer sees)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.stack([render(metadata, rng, resolution) for metadata in metadatas])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def sample_batch(n: int, seed: int, resolution: int = 64) -> tuple[torch.Tensor, list[str], list[dict]]:
     """Training pairs: images (n, 3, H, W) float32 in [-1, 1], their captions and metadata; same seed, same batch."""
     rng = np.random.default_rng(seed)

@@ -24,7 +24,7 @@ from accel.sampler import SamplingConfig, generate
 from errors import UserError
 from evals.prompts import load_prompts
 from evals.shapes_eval import evaluate
-from evals.shapes_world import render
+from evals.shapes_world import render_tensor
 from experiments.generate import sampling_config
 from experiments.recorder import RunRecorder
 from experiments.stage_probe import spread
@@ -81,9 +81,7 @@ def world_renders(prompts: list[dict], model: TextToImageModel, seed: int) -> to
     height, width = model.image_size
     if height != width:
         raise UserError(f"prefix_probe renders square images; the model makes {height}x{width}")
-    rng = np.random.default_rng(seed)
-    pixels = np.stack([render(item, rng, resolution=height) for item in prompts])
-    return (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1).to(model.device)
+    return render_tensor(prompts, seed, resolution=height).to(model.device)
 
 
 def prefix_curve(rows: list[dict]) -> Figure:

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
@@ -41,7 +40,7 @@ from tqdm import tqdm
 from accel.sampler import SamplingConfig, generate, to_uint8
 from errors import UserError
 from evals.shapes_eval import evaluate, load_suite
-from evals.shapes_world import BACKGROUND_SATURATION_MAX, VOCABULARY, render, sample_batch
+from evals.shapes_world import BACKGROUND_SATURATION_MAX, VOCABULARY, render_tensor, sample_batch
 from experiments.recorder import RunRecorder
 from models.checkpoint import save_safetensors
 from models.pipeline import REPO_ROOT, TextToImageModel, resolve_device, tiny_from_config
@@ -385,9 +384,8 @@ def carry_over_results(path: Path, recorder: RunRecorder, state: dict) -> None:
 def vae_reconstruction_scores(model: TextToImageModel, seed: int) -> dict:
     """ShapesEval of the VAE's multi-scale reconstructions of the suite's ground-truth renders: the ceiling
     any transformer on this VAE can reach."""
-    rng = np.random.default_rng(seed)
     suite = load_suite()
-    renders = torch.stack([torch.from_numpy(render(item, rng)) for item in suite]).permute(0, 3, 1, 2) / 127.5 - 1
+    renders = render_tensor(suite, seed)
     with torch.no_grad():
         quantized, _ = model.vae.quantize(model.vae.encode(renders.to(model.device)), model.schedule)
         reconstructions = to_uint8(model.vae.decode(quantized)).cpu()
