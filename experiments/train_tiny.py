@@ -142,30 +142,27 @@ def world_batches(
     """The phase's batches from `first_step` on, in step order: batch `step` is drawn from the world with a seed
     derived from the step (so a resumed run sees the same data), by `train.data_workers` processes ahead of the
     training loop (0: in this process)."""
-    phase_cfg = cfg.train[phase]
-    steps = range(first_step, phase_cfg.steps)
-    sizes = {step: batch_size(phase_cfg, step) for step in steps}
-    seeds = {step: hash_seed(cfg.seed, phase, step) for step in steps}
-    dataset = WorldBatches(sizes, seeds)
+    steps = range(first_step, cfg.train[phase].steps)
     workers = cfg.train.data_workers
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=steps, num_workers=workers, prefetch_factor=4 if workers else None,
-        pin_memory=pin_memory,
+        WorldBatches(phase, cfg.train[phase], cfg.seed), batch_size=None, sampler=steps, num_workers=workers,
+        prefetch_factor=4 if workers else None, pin_memory=pin_memory,
     )
     return iter(loader)
 
 
 class WorldBatches(torch.utils.data.Dataset):
-    """Step -> (images in [-1, 1], captions) of that step's batch size and seed."""
+    """Step -> (images in [-1, 1], captions): the step's batch size, drawn with the step's seed."""
 
-    def __init__(self, sizes: dict[int, int], seeds: dict[int, int]):
-        self.sizes, self.seeds = sizes, seeds
+    def __init__(self, phase: str, phase_cfg: DictConfig, seed: int):
+        self.phase, self.phase_cfg, self.seed = phase, phase_cfg, seed
 
     def __len__(self) -> int:
-        return len(self.sizes)
+        return self.phase_cfg.steps
 
     def __getitem__(self, step: int) -> tuple[Tensor, list[str]]:
-        images, captions, _ = sample_batch(self.sizes[step], seed=self.seeds[step])
+        size, seed = batch_size(self.phase_cfg, step), hash_seed(self.seed, self.phase, step)
+        images, captions, _ = sample_batch(size, seed=seed)
         return images, captions
 
 
