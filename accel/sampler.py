@@ -199,7 +199,7 @@ def generate(
             hidden, block_hidden = transformer.forward_blocks(tokens, k, text, rope, cache, router, capture=capture)
             if plan.token_subset is not None:
                 hidden = plan.token_subset.restore(hidden, positions, grid, previous_hidden, previous_grid)
-        logits = transformer.head_logits(hidden, text) / tau[k]
+        logits = transformer.head_logits(hidden, text) * (1 / tau[k])  # as the official code: rounds unlike / tau
         if branches == "both":
             logits = cfg[k] * logits[:batch] + (1 - cfg[k]) * logits[batch:]
 

@@ -67,6 +67,11 @@ def resize_latent(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x.unsqueeze(2), size=(1, *size), mode="trilinear", align_corners=False).squeeze(2)
 
 
+def swish(x: Tensor) -> Tensor:
+    """SiLU written as the official VAE writes it: `x * sigmoid(x)` rounds differently from `F.silu`."""
+    return x * torch.sigmoid(x)
+
+
 def vae_checkpoint_name(name: str) -> str:
     """Map a plain VQGAN-style key (`encoder.conv_in.weight`, `...norm1.bias`) to our wrapped name
     (`encoder.conv_in.conv.weight`, `...norm1.norm.bias`); wrapped and other names pass unchanged.
@@ -114,8 +119,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = Conv(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
         return self.nin_shortcut(x) + h
 
 
@@ -195,7 +200,7 @@ class Encoder(nn.Module):
         x = self.conv_in(images)
         for level in self.down:
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+        return self.conv_out(swish(self.norm_out(self.mid(x))))
 
 
 class Decoder(nn.Module):
@@ -218,13 +223,16 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(latent))
         for level in reversed(self.up):
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(swish(self.norm_out(x)))
 
 
 class BSQ(nn.Module):
     """Binary spherical quantiser on the channel axis: bit = (x > 0), code = (2 bit - 1) / sqrt(d).
 
     The official code L2-normalises before taking signs; that leaves the signs, hence the codes, unchanged.
+    Its own codes are the plain +-1/sqrt(d); codes made from given bits (sampled or flipped) are L2-normalised,
+    as the official `indices_to_codes` does: in float32 that moves them by an ulp for most d (32, 14), not for
+    powers of 4.
     """
 
     def __init__(self, codebook_dim: int):
@@ -236,9 +244,13 @@ class BSQ(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         bits = (x > 0).long()
-        return self.bits_to_codes(bits), bits
+        return self._signed_codes(bits), bits
 
     def bits_to_codes(self, bits: Tensor) -> Tensor:
+        """Bits (B, d, ...) 0/1 -> unit-norm codes (B, d, ...)."""
+        return F.normalize(self._signed_codes(bits), dim=1)
+
+    def _signed_codes(self, bits: Tensor) -> Tensor:
         return (bits.float() * 2 - 1) / math.sqrt(self.codebook_dim)
 
 
@@ -331,7 +343,8 @@ class BSQVAE(nn.Module):
         return quantized, [F.pixel_unshuffle(bits, self.patch).permute(0, 2, 3, 1) for bits in bits_per_scale]
 
     def bits_to_codes(self, bits: Tensor) -> Tensor:
-        """(B, h, w, bits_per_token) 0/1 -> codes (B, codebook_dim, h * patch, w * patch), +-1/sqrt(codebook_dim).
+        """(B, h, w, bits_per_token) 0/1 -> unit-norm codes (B, codebook_dim, h * patch, w * patch), each entry
+        +-1/sqrt(codebook_dim).
 
         With patchify, token bit k is latent channel k // 4 at sub-position ((k % 4) // 2, k % 2).
         """

@@ -23,6 +23,10 @@ _WIDE_TEMPLATES: dict[float, str] = {
     1.0: "1x1 2x2 4x4 6x6 8x8 12x12 16x16 20x20 24x24 32x32 40x40 48x48 64x64",
 }
 _TRANSPOSED = {1.25: 0.8, 1.333: 0.75, 1.5: 0.666, 1.75: 0.571, 2.0: 0.5, 2.5: 0.4, 3.0: 0.333}
+# The official list order: 1:1, then each tall template followed by its wide transpose. The nearest template
+# is the first one at the least distance in this order, as the official argmin, so an exact tie (h/w 0.45,
+# 0.5355, 0.775, 0.9) goes to the ratio nearer 1:1.
+_OFFICIAL_ORDER = (1.0, *(ratio for tall, wide in _TRANSPOSED.items() for ratio in (tall, wide)))
 
 NUM_STEPS_BY_PN = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
 
@@ -35,8 +39,7 @@ def full_template(h_div_w: float) -> list[Grid]:
     """The 13-step 1M template whose aspect ratio is nearest to `h_div_w` (height / width)."""
     if h_div_w <= 0:
         raise UserError(f"model.h_div_w must be positive (height / width), got {h_div_w}")
-    ratios = sorted([*_WIDE_TEMPLATES, *_TRANSPOSED])
-    nearest = min(ratios, key=lambda r: abs(r - h_div_w))
+    nearest = min(_OFFICIAL_ORDER, key=lambda r: abs(r - h_div_w))  # min keeps the first of equal distances
     if nearest in _WIDE_TEMPLATES:
         return _parse(_WIDE_TEMPLATES[nearest])
     return [(w, h) for h, w in _parse(_WIDE_TEMPLATES[_TRANSPOSED[nearest]])]

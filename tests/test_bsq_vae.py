@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError
-from models.bsq_vae import BSQVAE, BSQVAEConfig, Downsample, resize_latent, vae_checkpoint_name
+from models.bsq_vae import BSQ, BSQVAE, BSQVAEConfig, Decoder, Downsample, resize_latent, swish, vae_checkpoint_name
 
 LISTING = Path(__file__).parent / "fixtures" / "bsq_vae_state_dict_keys.txt"
 TINY = BSQVAEConfig(codebook_dim=16, base_ch=32, ch_mult=(1, 2, 2), norm_groups=8)
@@ -174,3 +174,46 @@ def test_downsample_pads_only_right_and_bottom():
     out = down(torch.ones(1, 1, 8, 8))
     assert out.shape == (1, 1, 4, 4)
     assert out[0, 0, 0, 0] == 9 and out[0, 0, -1, -1] == 4  # full window top-left, zero padding bottom-right
+
+
+def test_swish_is_x_times_sigmoid_bitwise_not_f_silu():
+    x = torch.randn(4096) * 4
+    assert torch.equal(swish(x), x * torch.sigmoid(x))
+    assert not torch.equal(swish(x), F.silu(x))  # the two round differently, so the choice matters
+
+
+def decode_by_hand(decoder: Decoder, latent: torch.Tensor, activation) -> torch.Tensor:
+    """The decoder's layers applied one by one, with `activation` wherever the VAE activates."""
+
+    def resnet(block, x):
+        h = block.conv1(activation(block.norm1(x)))
+        h = block.conv2(activation(block.norm2(h)))
+        return block.nin_shortcut(x) + h
+
+    x = decoder.conv_in(latent)
+    x = resnet(decoder.mid.block_2, resnet(decoder.mid.block_1, x))
+    for level in reversed(decoder.up):
+        for block in level.block:
+            x = resnet(block, x)
+        x = x if level.upsample is None else level.upsample(x)
+    return decoder.conv_out(activation(decoder.norm_out(x)))
+
+
+@torch.no_grad()
+def test_decoder_activates_with_x_times_sigmoid_like_the_official_vae():
+    torch.manual_seed(0)
+    decoder = Decoder(BSQVAEConfig(codebook_dim=8, base_ch=16, ch_mult=(1, 2), decoder_blocks=1, norm_groups=8))
+    latent = torch.randn(2, 8, 6, 6)
+    decoded = decoder(latent)
+    assert torch.equal(decoded, decode_by_hand(decoder, latent, lambda x: x * torch.sigmoid(x)))
+    assert not torch.equal(decoded, decode_by_hand(decoder, latent, F.silu))
+
+
+@pytest.mark.parametrize(("codebook_dim", "magnitude"), [(32, 0.1767767071723938), (14, 0.267261266708374)])
+def test_codes_from_bits_are_l2_normalised_like_the_official_indices_to_codes(codebook_dim, magnitude):
+    # float32(1 / sqrt(d)) is 0.17677669 for d = 32 and 0.26726124 for d = 14; normalising the vector in
+    # float32 moves every entry up by one ulp, as it does in the official code.
+    bits = torch.randint(0, 2, (2, codebook_dim, 3, 4), generator=torch.Generator().manual_seed(0))
+    codes = BSQ(codebook_dim).bits_to_codes(bits)
+    assert torch.equal(codes > 0, bits.bool())
+    assert torch.equal(codes.abs().unique(), torch.tensor([magnitude]))

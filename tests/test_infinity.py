@@ -63,6 +63,22 @@ def test_schedules_follow_the_official_templates():
     assert full_template(0.52)[-1] == (45, 90)  # nearest template
 
 
+# The official template list is 1.0, 1.25, 0.8, 1.333, 0.75, 1.5, 0.666, 1.75, 0.571, 2.0, 0.5, 2.5, 0.4, 3.0,
+# 0.333, and the first nearest in that order wins: on an exact tie the ratio nearer 1:1 (listed first).
+@pytest.mark.parametrize(
+    ("h_div_w", "tied", "final_grid"),
+    [
+        (0.45, (0.4, 0.5), (45, 90)),  # the 0.5 template
+        (0.5355, (0.5, 0.571), (48, 84)),  # 0.571
+        (0.775, (0.75, 0.8), (56, 70)),  # 0.8
+        (0.9, (0.8, 1.0), (64, 64)),  # 1.0
+    ],
+)
+def test_an_exact_tie_between_templates_goes_to_the_one_the_official_list_has_first(h_div_w, tied, final_grid):
+    assert abs(tied[0] - h_div_w) == abs(tied[1] - h_div_w)  # a tie in float64, as the official argmin sees it
+    assert full_template(h_div_w)[-1] == final_grid
+
+
 def small_config() -> InfinityConfig:
     return InfinityConfig(depth=4, embed_dim=64, num_heads=4, text_channels=32, text_maxlen=16,
                           bits_per_token=8, block_chunks=2)

@@ -40,6 +40,17 @@ def test_same_seed_same_images_and_different_seed_different_images(model):
     assert not torch.equal(first.latent, other.latent)
 
 
+def test_tau_multiplies_the_logits_by_its_inverse_like_the_official_code(model):
+    tau = 0.7
+    plain, tempered = ScaleRecorder(), ScaleRecorder()
+    generate(model, PROMPTS, SamplingConfig(cfg=1.0, tau=1.0), seed=0, observers=[plain], decode=False)
+    generate(model, PROMPTS, SamplingConfig(cfg=1.0, tau=tau), seed=0, observers=[tempered], decode=False)
+    # The first scale's inputs do not depend on tau (later ones follow the sampled bits).
+    logits = plain.records[0].logits
+    assert not torch.equal(logits / tau, logits * (1 / tau))  # this tau tells the two roundings apart
+    assert torch.equal(tempered.records[0].logits, logits * (1 / tau))
+
+
 def test_cfg_runs_both_branches_and_mixes_their_logits(model):
     recorder = ScaleRecorder()
     generate(model, PROMPTS, SamplingConfig(cfg=4.0, tau=1.0), seed=0, observers=[recorder], decode=False)
