@@ -10,8 +10,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import importlib
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,7 +19,10 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from errors import UserError
+from experiments.config_checks import experiment_module, unknown_key_hints
 from experiments.recorder import RunRecorder
+
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 # Multirun job folders are named by their overrides (conf/hydra/default.yaml); a path value such as
 # prompts.path=outputs/dev.jsonl must not split the name into nested folders.
@@ -28,6 +31,7 @@ OmegaConf.register_new_resolver("folder_name", lambda text: text.replace("/", "_
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    # conf/hydra/default.yaml's callback has checked every value (experiments/config_checks.py) before this runs.
     try:
         run_experiment(cfg)
     except UserError as error:
@@ -46,15 +50,17 @@ def run_experiment(cfg: DictConfig) -> None:
         import torch  # not at the top: config mistakes are reported without waiting for torch to load
 
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        experiment = importlib.import_module(f"experiments.{cfg.task}")
-    except ModuleNotFoundError as missing:
-        if missing.name != f"experiments.{cfg.task}":
-            raise
-        raise UserError(f"task={cfg.task!r} has no module experiments/{cfg.task}.py") from None
+    experiment = experiment_module(cfg.task)
     with RunRecorder(cfg, HydraConfig.get().runtime.output_dir) as recorder:
         recorder.finish(experiment.run(cfg, recorder))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        # Hydra refuses a mistyped key while composing, before any of our code runs, and exits with 1.
+        if stop.code == 1 and (hints := unknown_key_hints(sys.argv[1:], CONFIG_DIR)):
+            print("\n".join(hints), file=sys.stderr)
+            sys.exit(2)
+        raise

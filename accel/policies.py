@@ -24,7 +24,7 @@ from torch import Tensor
 from accel.sampler import BaselinePolicy, Policy, ScalePlan
 from analysis.stages import load_stages
 from errors import UserError
-from models.pipeline import TextToImageModel
+from models.pipeline import TextToImageModel, schedule_and_depth
 from models.schedules import Grid
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,11 @@ class ModelSpec:
     @classmethod
     def of(cls, model: TextToImageModel) -> ModelSpec:
         return cls(model.name, list(model.schedule), model.transformer.config.depth)
+
+    @classmethod
+    def of_config(cls, model_cfg: DictConfig) -> ModelSpec:
+        """The spec of a `conf/model/*.yaml` node, without building the model (to check a policy before compute)."""
+        return cls(model_cfg.name, *schedule_and_depth(model_cfg))
 
 
 def build_policy(accel_cfg: DictConfig, model: TextToImageModel | ModelSpec) -> Policy:

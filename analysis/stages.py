@@ -40,7 +40,7 @@ class StageRule:
         for key in ("semantic_tolerance", "structure_tolerance"):
             value = getattr(self, key)
             if not 0 <= value < 1:
-                raise UserError(f"stages.{key}={value} must be in [0, 1): a share of each curve's span")
+                raise UserError(f"stages.rule.{key}={value} must be in [0, 1): a share of each curve's span")
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,15 @@ def load_prompts(prompts_cfg: DictConfig) -> list[dict]:
     elif source == "dpg":
         items = read_dpg_prompts(_existing_path(prompts_cfg, "DPG-Bench prompts folder"))
     elif source == "list":
-        items = [{"prompt": str(text)} for text in _required(prompts_cfg, "texts", "'[a red cube,two green cones]'")]
+        texts = _required(prompts_cfg, "texts", "'[a red cube,two green cones]'")
+        if not OmegaConf.is_list(texts):
+            raise UserError(f"prompts.texts={texts!r} must be a list: prompts.texts='[a red cube,two green cones]'")
+        items = [{"prompt": str(text)} for text in texts]
     else:
         raise UserError(f"prompts.name={source!r} is unknown: use prompts=shapes_eval, geneval, dpg or list")
+    if not items:
+        key = "texts" if source == "list" else "path"
+        raise UserError(f"prompts.{key}={prompts_cfg[key]!r} gives no prompts: a run needs at least one")
     items = [{**item, "index": index} for index, item in enumerate(items)]
     limit = prompts_cfg.limit
     if limit is None:

@@ -43,7 +43,7 @@ from omegaconf.errors import ConfigKeyError
 from tqdm import tqdm
 
 from accel.macs import count_macs
-from accel.policies import build_policy
+from accel.policies import ModelSpec, build_policy
 from accel.sampler import Policy, SamplingConfig, generate
 from analysis.fid import InceptionFeatures, MetricUnavailable, frechet_distance
 from analysis.metrics import Metric, PromptMetric, build_metrics, missing_files
@@ -51,6 +51,7 @@ from errors import UserError
 from evals.prompt_files import export_geneval_layout
 from evals.prompts import load_prompts
 from evals.shapes_eval import evaluate
+from experiments.config_checks import check_model, check_prompts, flag, whole
 from experiments.generate import sampling_config
 from experiments.recorder import RunRecorder
 from experiments.world_preview import caption_grid
@@ -159,10 +160,6 @@ def time_interleaved(
     calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
 ) -> dict[str, Timing]:
     """Time every call `repeats` times in interleaved rounds (a, b, c, a, b, c, ...) after `warmup` untimed rounds."""
-    if repeats < MIN_REPEATS:
-        raise UserError(f"timing needs at least {MIN_REPEATS} repeats for its median; got repeats={repeats}")
-    if warmup < 1:
-        raise UserError(f"timing needs at least one warm-up round (first calls pay one-off costs); got warmup={warmup}")
     for _ in range(warmup):
         for call in calls.values():
             call()
@@ -305,6 +302,21 @@ class ComparisonSettings:
     @classmethod
     def from_block(cls, block: DictConfig) -> ComparisonSettings:
         return cls(**{f.name: block[f.name] for f in dataclasses.fields(cls) if f.name in block})
+
+
+def check_comparison(cfg: DictConfig, methods: list[Method], settings_key: str) -> None:
+    """Every setting of a comparison before any compute: model, prompts, the `settings_key` block, each policy."""
+    check_model(cfg)
+    check_prompts(cfg)
+    options = ComparisonSettings.from_block(cfg[settings_key])
+    whole(f"{settings_key}.repeats", options.repeats, minimum=MIN_REPEATS,
+          why=" (timed rounds: with fewer, one slow call moves the median)")
+    whole(f"{settings_key}.warmup", options.warmup, minimum=1, why=" (untimed rounds: first calls pay one-off costs)")
+    whole(f"{settings_key}.samples_shown", options.samples_shown, minimum=1)
+    flag(f"{settings_key}.fid", options.fid)
+    spec = ModelSpec.of_config(cfg.model)
+    for method in methods:
+        build_policy(method.accel, spec)
 
 
 def compare_methods(cfg: DictConfig, recorder: RunRecorder, methods: list[Method], settings_key: str) -> dict:

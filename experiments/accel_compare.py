@@ -6,8 +6,12 @@ protocol, table and Pareto figure are experiments/accel_common.py's.
 
 from omegaconf import DictConfig
 
-from experiments.accel_common import compare_methods, methods_from
+from experiments.accel_common import check_comparison, compare_methods, methods_from
 from experiments.recorder import RunRecorder
+
+
+def check(cfg: DictConfig) -> None:
+    check_comparison(cfg, methods_from(cfg.accel_compare.methods), "accel_compare")
 
 
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:

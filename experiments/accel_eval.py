@@ -8,11 +8,15 @@ describes; one table row per method, a Pareto figure and a sample grid.
 from omegaconf import DictConfig
 
 from errors import UserError
-from experiments.accel_common import Method, compare_methods
+from experiments.accel_common import Method, check_comparison, compare_methods
 from experiments.recorder import RunRecorder
 
 
-def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
+def check(cfg: DictConfig) -> None:
     if cfg.accel.name == "none":
         raise UserError("accel=none is the baseline itself; choose a policy to evaluate, e.g. accel=stagevar")
+    check_comparison(cfg, [Method(cfg.accel.name, cfg.accel)], "accel_eval")
+
+
+def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     return compare_methods(cfg, recorder, [Method(cfg.accel.name, cfg.accel)], "accel_eval")

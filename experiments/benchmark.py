@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 from accel.macs import count_macs
 from accel.policies import ModelSpec, build_policy
 from accel.sampler import Policy
-from experiments.accel_common import BASELINE, Method, compare_methods, methods_from
+from experiments.accel_common import BASELINE, Method, check_comparison, compare_methods, methods_from
+from experiments.config_checks import whole
 from experiments.recorder import RunRecorder
 from models.infinity import InfinityConfig
 from models.schedules import infinity_schedule
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 
 # Wall-clock speedups on Infinity-2B in the paper's Table 1 (StageVAR's authors' numbers for all three).
 PAPER_SPEEDUPS = {"stagevar": 3.4, "fastvar": 2.75, "skipvar": 2.62}
+
+
+def check(cfg: DictConfig) -> None:
+    methods = methods_from(cfg.benchmark.methods)
+    check_comparison(cfg, methods, "benchmark")
+    whole("benchmark.infinity_2b.text_length", cfg.benchmark.infinity_2b.text_length, minimum=1)
+    infinity_2b_macs(methods, cfg.benchmark.infinity_2b)  # analytic, milliseconds: checks pn and h_div_w
 
 
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:

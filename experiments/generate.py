@@ -22,6 +22,7 @@ from evals.prompts import load_prompts
 from analysis.fid import InceptionFeatures, MetricUnavailable, frechet_distance
 from evals.shapes_eval import evaluate
 from evals.shapes_world import render
+from experiments.config_checks import check_model, check_prompts, flag, positive_wholes
 from experiments.recorder import RunRecorder
 from experiments.world_preview import caption_grid
 from models.pipeline import build_model
@@ -31,6 +32,13 @@ log = logging.getLogger(__name__)
 
 def sampling_config(model_cfg: DictConfig) -> SamplingConfig:
     return SamplingConfig(**OmegaConf.to_container(model_cfg.sampling, resolve=True))
+
+
+def check(cfg: DictConfig) -> None:
+    check_model(cfg)
+    check_prompts(cfg)
+    positive_wholes(cfg.generate, "generate", ["contact_sheet_size", "grid_columns"])
+    flag("generate.fid", cfg.generate.fid)
 
 
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:

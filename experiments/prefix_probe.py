@@ -26,6 +26,7 @@ from evals.prompts import load_prompts
 from evals.shapes_eval import evaluate
 from evals.shapes_world import render_tensor
 from experiments.generate import sampling_config
+from experiments.config_checks import check_model, check_prompts, whole
 from experiments.recorder import RunRecorder
 from experiments.stage_probe import spread
 from models.pipeline import TextToImageModel, build_model
@@ -33,9 +34,15 @@ from models.pipeline import TextToImageModel, build_model
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
+def check(cfg: DictConfig) -> None:
     if cfg.prompts.name != "shapes_eval":
         raise UserError(f"prefix_probe needs shapes-world prompts (prompts=shapes_eval), not prompts={cfg.prompts.name}")
+    check_model(cfg)
+    check_prompts(cfg)
+    whole("prefix_probe.num_prompts", cfg.prefix_probe.num_prompts, minimum=1)
+
+
+def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     prompts = spread(load_prompts(cfg.prompts), cfg.prefix_probe.num_prompts)
     model = build_model(cfg.model, cfg.device)
     images = prefix_images(model, prompts, sampling_config(cfg.model), cfg.seed, cfg.model.batch_size)

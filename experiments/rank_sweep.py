@@ -21,11 +21,17 @@ from omegaconf import DictConfig
 from errors import UserError
 from experiments import accel_eval
 from experiments.accel_common import BASELINE, ParetoPoint, comparison_table, pareto_figure
+from experiments.config_checks import flag
 from experiments.recorder import RunRecorder
 
 log = logging.getLogger(__name__)
 
 RECORDER_KEYS = ("status", "task", "started_at", "finished_at", "duration_s")  # what RunRecorder adds to a summary
+
+
+def check(cfg: DictConfig) -> None:
+    if not flag("rank_sweep.aggregate", cfg.rank_sweep.aggregate):
+        accel_eval.check(cfg)
 
 
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:

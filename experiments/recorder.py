@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import numbers
 import os
 import time
@@ -26,9 +27,8 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from errors import UserError
 
-WANDB_MODES = ("offline", "online", "disabled")
+log = logging.getLogger(__name__)
 
 
 class RunRecorder:
@@ -121,15 +121,25 @@ class RunRecorder:
             self._wandb_run.summary.update(summary)
 
     def _start_wandb(self) -> wandb.Run | None:
+        """W&B as `logger` says (experiments/config_checks.py has checked its keys); online falls back to offline."""
         logger = self.cfg.logger
         if logger.name == "none":
             return None
-        if logger.name != "wandb":
-            raise UserError(f"logger.name={logger.name!r} is unknown: use logger=wandb or logger=none")
-        if logger.mode not in WANDB_MODES:
-            raise UserError(f"logger.mode={logger.mode!r} is unknown: use one of {', '.join(WANDB_MODES)}")
+        try:
+            return self._init_wandb(logger.mode)
+        except wandb.errors.Error as error:
+            if logger.mode != "online":
+                raise
+            log.warning(
+                "W&B ONLINE FAILED (%s): logging offline instead; upload later with `wandb sync %s/offline-run-*`",
+                error, self.run_dir / "wandb",
+            )
+            return self._init_wandb("offline")
+
+    def _init_wandb(self, mode: str) -> wandb.Run:
+        logger = self.cfg.logger
         return wandb.init(
-            mode=logger.mode,
+            mode=mode,
             project=logger.project,
             entity=logger.entity,
             name=f"{self.cfg.task}/{self.run_dir.name}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,31 +29,54 @@ from analysis.rows import INPUTS, scale_means
 from analysis.spectra import band_labels
 from analysis.stages import StageRule, detect_stages, write_stages
 from errors import UserError
-from evals.prompts import load_prompts
+from experiments.config_checks import check_model, check_prompts
 from experiments.generate import sampling_config
 from experiments.recorder import RunRecorder
-from models.pipeline import build_model, missing_model_files
+from models.pipeline import build_model, missing_model_files, resolve_device, schedule_and_depth
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
-    probe = ProbeConfig(**OmegaConf.to_container(cfg.probe, resolve=True))
-    rule = StageRule(**cfg.stages.rule)
-    rank_choice = RankChoice(**cfg.stages.ranks)
-    if rank_choice.energy not in probe.rank_energies:
-        raise UserError(
-            f"stages.ranks.energy={rank_choice.energy} must be one of probe.rank_energies={list(probe.rank_energies)}"
-        )
-    prompts = spread(load_prompts(cfg.prompts), probe.num_prompts)
-    metrics = applicable_metrics(build_metrics(cfg.metrics, cfg.device), prompts)
-    require_files(cfg.model, metrics)
+@dataclass
+class ProbeSettings:
+    """What the probe measures, checked against the model before anything is computed."""
 
+    probe: ProbeConfig
+    rule: StageRule
+    rank_choice: RankChoice
+    blocks: list[int]  # block indices whose outputs' ranks are measured
+    prompts: list[dict]
+    metrics: dict[str, Metric]  # built, not loaded
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> ProbeSettings:
+        probe = ProbeConfig(**OmegaConf.to_container(cfg.probe, resolve=True))
+        rank_choice = RankChoice(**cfg.stages.ranks)
+        if rank_choice.energy not in probe.rank_energies:
+            raise UserError(
+                f"stages.ranks.energy={rank_choice.energy} must be one of probe.rank_energies={list(probe.rank_energies)}"
+            )
+        prompts = spread(check_prompts(cfg), probe.num_prompts)
+        metrics = applicable_metrics(build_metrics(cfg.metrics, resolve_device(cfg.device)), prompts)
+        require_files(cfg.model, metrics)
+        _, depth = schedule_and_depth(cfg.model)
+        blocks = probe.blocks(depth)
+        if rank_choice.source not in [INPUTS] + [f"block{b}" for b in blocks]:
+            raise UserError(f"stages.ranks.source={rank_choice.source!r}: use {INPUTS} or block<i> for i in {blocks}")
+        return cls(probe, StageRule(**cfg.stages.rule), rank_choice, blocks, prompts, metrics)
+
+
+def check(cfg: DictConfig) -> None:
+    check_model(cfg)
+    ProbeSettings.of(cfg)
+
+
+def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
+    settings = ProbeSettings.of(cfg)
+    probe, rule, rank_choice, blocks = settings.probe, settings.rule, settings.rank_choice, settings.blocks
+    prompts, metrics = settings.prompts, settings.metrics
     model = build_model(cfg.model, cfg.device)
-    blocks = probe.blocks(model.transformer.config.depth)
-    if rank_choice.source not in [INPUTS] + [f"block{b}" for b in blocks]:
-        raise UserError(f"stages.ranks.source={rank_choice.source!r}: use {INPUTS} or block<i> for i in {blocks}")
     sampling = sampling_config(cfg.model)
     log.info("%s: probing %d prompts with %s", cfg.model.name, len(prompts), ", ".join(metrics))
 

@@ -41,6 +41,7 @@ from accel.sampler import SamplingConfig, generate, to_uint8
 from errors import UserError
 from evals.shapes_eval import evaluate, load_suite
 from evals.shapes_world import BACKGROUND_SATURATION_MAX, VOCABULARY, render_tensor, sample_batch
+from experiments.config_checks import number, positive_wholes, whole
 from experiments.recorder import RunRecorder
 from models.checkpoint import save_safetensors
 from models.pipeline import REPO_ROOT, TextToImageModel, resolve_device, tiny_from_config
@@ -51,7 +52,6 @@ STATE_FILE = "train_state.pt"
 
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     train = cfg.train
-    check_settings(train, len(train.arch.schedule))
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(train.threads or torch.get_num_threads())
     device = resolve_device(cfg.device)
@@ -326,8 +326,23 @@ def self_correction_flips(
     return [torch.rand(batch_size, h, w, bits_per_token, generator=generator) < probability for h, w in schedule]
 
 
-def check_settings(train: DictConfig, num_scales: int) -> None:
+def check(cfg: DictConfig) -> None:
     """Fail before any training on settings that would otherwise fail mid-run."""
+    train = cfg.train
+    num_scales = len(train.arch.schedule)
+    for key in ("threads", "data_workers"):
+        whole(f"train.{key}", train[key], minimum=0)
+    positive_wholes(train, "train", ["log_every", "checkpoint_every"])
+    for phase in PHASES:
+        positive_wholes(train[phase], f"train.{phase}", ["steps", "batch_size"] if phase == "vae" else ["steps"])
+        whole(f"train.{phase}.warmup", train[phase].warmup, minimum=0)
+        number(f"train.{phase}.lr", train[phase].lr, 0, 1, low_open=True)
+        if train[phase].max_minutes is not None:
+            number(f"train.{phase}.max_minutes", train[phase].max_minutes, 0, float("inf"), low_open=True,
+                   why=" or null (no cap)")
+    if train.resume is not None and not (Path(train.resume) / STATE_FILE).is_file():
+        raise UserError(f"train.resume={train.resume!r} has no {STATE_FILE}; pass the run folder of an earlier "
+                        "train_tiny run")
     if train.transformer.autocast not in AUTOCAST_MODES:
         raise UserError(
             f"train.transformer.autocast={train.transformer.autocast!r}: use auto (bf16 on CUDA, fp32 on the CPU), "
@@ -359,8 +374,6 @@ def save_state(path: Path, model: TextToImageModel, optimizers: dict, state: dic
 
 
 def load_state(path: Path, model: TextToImageModel, optimizers: dict) -> dict:
-    if not path.exists():
-        raise UserError(f"train.resume: no {STATE_FILE} in {path.parent}; pass the run folder of an earlier train_tiny run")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     for part, weights in payload["modules"].items():
         getattr(model, part).load_state_dict(weights)

@@ -20,9 +20,16 @@ from tqdm import tqdm
 from evals.prompts import load_prompts
 from evals.shapes_eval import evaluate
 from evals.shapes_world import render, sample_batch, to_uint8_image
+from experiments.config_checks import check_prompts, positive_wholes, whole
 from experiments.recorder import RunRecorder
 
 log = logging.getLogger(__name__)
+
+
+def check(cfg: DictConfig) -> None:
+    check_prompts(cfg)
+    positive_wholes(cfg.preview, "preview", ["num_images", "grid_columns"])
+    whole("preview.resolution", cfg.preview.resolution, minimum=32, why=" (pixels per side)")
 
 
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:

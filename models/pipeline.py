@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
@@ -94,12 +95,24 @@ def check_files(files: dict[str, Path], layout: str) -> None:
 def missing_model_files(model_cfg: DictConfig) -> list[str]:
     """One line per weight file a `conf/model/*.yaml` node needs and lacks ('config key: path'), building nothing."""
     if hydra.utils.get_method(model_cfg._target_) is load_tiny:
-        folder = _tiny_folder(model_cfg.checkpoint_dir)
-        return [f"model.checkpoint_dir: {folder / name}" for name in TINY_FILES if not (folder / name).exists()]
+        paths = tiny_paths(model_cfg.checkpoint_dir, model_cfg.files)
+        return [f"model.files.{key}: {path}" for key, path in paths.items() if not path.exists()]
     if model_cfg.random_init:  # random weights; a missing text encoder only means random text features
         return []
     paths = {key: _resolve(model_cfg.weights_dir, value) for key, value in model_cfg.files.items()}
     return [f"model.files.{key}: {path}" for key, path in paths.items() if not path.exists()]
+
+
+def schedule_and_depth(model_cfg: DictConfig) -> tuple[list[Grid], int]:
+    """The scale schedule and transformer depth a `conf/model/*.yaml` node describes, building nothing
+    (for checks before any compute). The tiny model's files must exist (missing_model_files says)."""
+    if hydra.utils.get_method(model_cfg._target_) is load_tiny:
+        config = json.loads(tiny_paths(model_cfg.checkpoint_dir, model_cfg.files)["config"].read_text())
+        return parse_schedule(config["schedule"]), config["transformer"]["depth"]
+    if model_cfg.arch not in _ARCHS:
+        raise UserError(f"model.arch={model_cfg.arch!r} is unknown; choose one of {sorted(_ARCHS)}")
+    make_transformer_config, _ = _ARCHS[model_cfg.arch]
+    return infinity_schedule(model_cfg.h_div_w, model_cfg.pn), make_transformer_config().depth
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,29 +201,40 @@ class RandomTextFeatures:
 # The tiny default model
 
 
-TINY_FILES = ("config.json", "transformer.safetensors", "vae.safetensors", "text_encoder.safetensors")
+# The files of a tiny checkpoint (model.files.<key>), relative to model.checkpoint_dir unless absolute.
+TINY_FILES = {
+    "config": "config.json",
+    "transformer": "transformer.safetensors",
+    "vae": "vae.safetensors",
+    "text_encoder": "text_encoder.safetensors",
+}
 
 
-def load_tiny(name: str, device: torch.device, checkpoint_dir: str) -> TextToImageModel:
+def load_tiny(
+    name: str, device: torch.device, checkpoint_dir: str, files: dict[str, str] = TINY_FILES
+) -> TextToImageModel:
     """The small Infinity trained on the shapes world (see checkpoints/tiny/README.md)."""
-    folder = _tiny_folder(checkpoint_dir)
-    missing = [f"  {folder / f}" for f in TINY_FILES if not (folder / f).exists()]
+    paths = tiny_paths(checkpoint_dir, files)
+    missing = [f"  model.files.{key}: {path}" for key, path in paths.items() if not path.exists()]
     if missing:
         raise UserError(
-            "the tiny model's files are missing (model.checkpoint_dir):\n" + "\n".join(missing)
-            + "\nTrain it with `python run.py experiment=train_tiny` or restore checkpoints/tiny from git."
+            "the tiny model's files are missing:\n" + "\n".join(missing) + "\nTrain it with "
+            "`python run.py experiment=train_tiny`, restore checkpoints/tiny from git, or point model.checkpoint_dir "
+            "(or model.files.<key>) at your files."
         )
-    config = json.loads((folder / "config.json").read_text())
-    model = tiny_from_config(config, name, device)
+    model = tiny_from_config(json.loads(paths["config"].read_text()), name, device)
     for part in ("transformer", "vae", "text_encoder"):
-        path = folder / f"{part}.safetensors"
-        load_strict(getattr(model, part), read_state_dict(path), source=str(path))
+        load_strict(getattr(model, part), read_state_dict(paths[part]), source=str(paths[part]))
     return model
 
 
-def _tiny_folder(checkpoint_dir: str) -> Path:
+def tiny_paths(checkpoint_dir: str, files: Mapping[str, str]) -> dict[str, Path]:
+    """Each tiny-model file's path: absolute as given, else under checkpoint_dir (itself relative to the repo)."""
+    if unknown := set(files) - set(TINY_FILES):
+        raise UserError(f"model.files has unknown keys {sorted(unknown)}; the tiny model's are {list(TINY_FILES)}")
     folder = Path(checkpoint_dir)
-    return folder if folder.is_absolute() else REPO_ROOT / folder
+    folder = folder if folder.is_absolute() else REPO_ROOT / folder
+    return {key: folder / files.get(key, default) for key, default in TINY_FILES.items()}
 
 
 def tiny_from_config(config: dict, name: str, device: torch.device) -> TextToImageModel:

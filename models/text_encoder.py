@@ -144,7 +144,14 @@ class WordTextEncoder(nn.Module):
         """-> token ids (B, L) padded with PAD_ID, and lengths (B,) including the end-of-sequence token."""
         rows = []
         for prompt in prompts:
-            ids = [self.word_ids.get(word, UNK_ID) for word in _WORD.findall(prompt.lower())] + [EOS_ID]
+            words = _WORD.findall(prompt.lower())
+            ids = [self.word_ids.get(word, UNK_ID) for word in words] + [EOS_ID]
+            if words and all(token == UNK_ID for token in ids[:-1]):
+                logger.warning(
+                    "prompt %r has no word this text encoder knows, so the model sees no text: its image is "
+                    "unconditional. The shapes world's words are colours, shapes, counts and relations "
+                    "(e.g. 'a red cube left of a blue sphere').", prompt[:100]
+                )
             if len(ids) > self.max_length:
                 _warn_truncated(prompt, len(ids), self.max_length)
                 ids = ids[: self.max_length - 1] + [EOS_ID]

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode

@@ -3,13 +3,13 @@
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from errors import UserError
 from models.pipeline import build_model
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
+REPO = Path(__file__).resolve().parent.parent
+CONF = str(REPO / "conf")
 
 
 def model_config(name: str, *overrides: str):
@@ -39,3 +39,13 @@ def test_missing_tiny_checkpoint_names_the_files_and_how_to_get_them(tmp_path):
 def test_unknown_resolution_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="model.pn"):
         build_model(model_config("infinity2b", "model.pn=2M", "model.random_init=true"), "cpu")
+
+
+def test_a_tiny_model_file_can_be_pointed_at_elsewhere(tmp_path):
+    moved = tmp_path / "elsewhere" / "my_transformer.safetensors"
+    moved.parent.mkdir()
+    moved.symlink_to(REPO / "checkpoints/tiny/transformer.safetensors")
+    model = build_model(model_config("tiny", f"model.files.transformer={moved}"), "cpu")
+    assert model.name == "tiny"
+    with pytest.raises(UserError, match=f"model.files.transformer: {tmp_path / 'missing.safetensors'}"):
+        build_model(model_config("tiny", f"model.files.transformer={tmp_path / 'missing.safetensors'}"), "cpu")

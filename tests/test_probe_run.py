@@ -17,6 +17,7 @@ from errors import UserError
 from experiments import stage_probe
 from experiments.recorder import RunRecorder
 from models.checkpoint import save_safetensors
+from models.pipeline import TINY_FILES
 
 from helpers import CONFIG_64PX, small_model
 
@@ -118,8 +119,8 @@ def test_missing_weights_stop_the_probe_before_any_compute_naming_every_file(tmp
 def test_a_missing_tiny_checkpoint_is_named_file_by_file(tmp_path: Path):
     with pytest.raises(UserError) as error:
         run_probe(probe_config(f"model.checkpoint_dir={tmp_path}"), tmp_path / "run")
-    for file in ("config.json", "transformer.safetensors", "vae.safetensors", "text_encoder.safetensors"):
-        assert f"model.checkpoint_dir: {tmp_path / file}" in str(error.value)
+    for key, file in TINY_FILES.items():
+        assert f"model.files.{key}: {tmp_path / file}" in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +132,7 @@ def test_a_missing_tiny_checkpoint_is_named_file_by_file(tmp_path: Path):
         (["stages.ranks.energy=0.8"], r"stages.ranks.energy=0.8 must be one of probe.rank_energies"),
         (["stages.ranks.aggregate=median"], "stages.ranks.aggregate='median' is unknown"),
         (["probe.num_prompts=0"], "probe.num_prompts=0"),
-        (["stages.rule.semantic_tolerance=2"], "stages.semantic_tolerance=2"),
+        (["stages.rule.semantic_tolerance=2"], "stages.rule.semantic_tolerance=2"),
     ],
 )
 def test_bad_settings_are_reported_before_any_compute(tmp_path: Path, overrides: list[str], message: str):

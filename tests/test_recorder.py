@@ -10,7 +10,6 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from errors import UserError
 from experiments.recorder import RunRecorder, format_table
 
 
@@ -111,10 +110,16 @@ def test_format_table_aligns_columns():
     ]
 
 
-def test_unknown_wandb_mode_names_the_key(tmp_path: Path):
-    with pytest.raises(UserError, match="logger.mode"):
-        with RunRecorder(make_cfg(name="wandb", mode="offlne", project="p", entity=None, tags=[]), tmp_path):
-            pass
+def test_online_wandb_that_fails_to_start_falls_back_to_offline(tmp_path: Path, monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: online W&B has no key and refuses to start
+    cfg = make_cfg(name="wandb", mode="online", project="stagevar-test", entity=None, tags=[])
+    with RunRecorder(cfg, tmp_path / "run") as recorder:
+        recorder.finish({"overall": 0.5})
+    assert "W&B ONLINE FAILED" in caplog.text
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "complete"
 
 
 def test_offline_wandb_keeps_its_files_in_the_run_folder(tmp_path: Path):

@@ -70,7 +70,7 @@ def test_curves_without_a_value_at_every_scale_are_refused(curve):
 
 @pytest.mark.parametrize("key", ["semantic_tolerance", "structure_tolerance"])
 def test_a_tolerance_outside_zero_to_one_names_its_key(key):
-    with pytest.raises(UserError, match=f"stages.{key}=1.5"):
+    with pytest.raises(UserError, match=f"stages.rule.{key}=1.5"):
         StageRule(**{key: 1.5})
 
 

@@ -87,6 +87,15 @@ def test_word_tokenizer_splits_on_non_letters_and_maps_unknown_words():
     assert lengths.tolist() == [4, 1, 3]
 
 
+def test_a_prompt_without_a_known_word_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="models.text_encoder"):
+        word_encoder().tokenize(["a red cube", ""])
+    assert not caplog.text  # a known word, and no words at all (the empty prompt): nothing to warn about
+    with caplog.at_level(logging.WARNING, logger="models.text_encoder"):
+        word_encoder().tokenize(["purple dodecahedrons"])
+    assert "'purple dodecahedrons' has no word this text encoder knows" in caplog.text
+
+
 def test_word_encoder_pads_with_zeros_and_is_batch_independent():
     encoder = word_encoder()
     tokens = encoder.encode(["a red cube", "", "über alles"])

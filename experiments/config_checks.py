@@ -1,0 +1,273 @@
+"""Config checks: every value a user can set is checked right after Hydra composes the config, before W&B starts,
+before any model is built and, for a single run, before its run folder exists.
+
+`CheckConfig` is a Hydra callback (registered in conf/hydra/default.yaml):
+- a single run is checked in `on_run_start`, before Hydra makes the run folder;
+- a sweep (-m) checks its output root in `on_multirun_start` and each job in `on_job_start`; a job that fails
+  its check has its fresh folder removed, so no half-written run folder is left behind.
+A failed check prints one paragraph (`error: <key>=<value> ...: what is valid, what to do`) and exits with 2.
+
+The checks every run shares are here; an experiment module adds its own keys with `check(cfg)`, using the helpers
+below (check_model, check_prompts, ...), so each key is checked where it is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import io
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlparse
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from errors import UserError
+
+WANDB_MODES = ("offline", "online", "disabled")
+HYDRA_FILES = {".hydra", "run.log"}  # what Hydra writes into a job folder before the job runs
+
+
+class CheckConfig(Callback):
+    """Runs `check_run` where Hydra lets it: before the run folder of a single run, per job in a sweep."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_on_error(check_run, config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_on_error(check_output_root, config)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return  # a single run was checked before its folder existed
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        _exit_on_error(check_run, config, remove_if_fresh=job_dir)
+
+
+def _exit_on_error(check: Callable[[DictConfig], None], cfg: DictConfig, remove_if_fresh: Path | None = None) -> None:
+    try:
+        check(cfg)
+    except UserError as error:
+        if remove_if_fresh is not None and {path.name for path in remove_if_fresh.iterdir()} <= HYDRA_FILES:
+            shutil.rmtree(remove_if_fresh)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Every check of one run: the shared keys, then the experiment's own `check(cfg)` where it has one."""
+    check_output_root(cfg)
+    check_seed(cfg)
+    check_device(cfg)
+    check_logger(cfg)
+    experiment = experiment_module(cfg.task)
+    if hasattr(experiment, "check"):
+        experiment.check(cfg)
+
+
+def experiment_module(task: str) -> ModuleType:
+    """experiments/<task>.py, or an error naming the task."""
+    try:
+        return importlib.import_module(f"experiments.{task}")
+    except ModuleNotFoundError as missing:
+        if missing.name != f"experiments.{task}":
+            raise
+        raise UserError(f"task={task!r} has no module experiments/{task}.py") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Values
+
+
+def whole(key: str, value: Any, minimum: int = 0, why: str = "") -> int:
+    """`value` as a whole number >= minimum, or an error naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{key}={value!r} must be a whole number >= {minimum}{why}; e.g. {key}={minimum}")
+    return value
+
+
+def number(key: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False,
+           why: str = "") -> float:
+    """`value` as a number in the interval low..high (open ends where said), or an error naming the key."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise UserError(f"{key}={value!r} must be a number in {interval}{why}")
+    return float(value)
+
+
+def flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{key}={value!r} must be true or false")
+    return value
+
+
+def positive_wholes(block: DictConfig, prefix: str, keys: list[str]) -> None:
+    """Each of `keys` in `block` is a whole number >= 1 (counts, sizes, columns)."""
+    for key in keys:
+        whole(f"{prefix}.{key}", block[key], minimum=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The keys every run has
+
+
+def check_seed(cfg: DictConfig) -> None:
+    whole("seed", cfg.seed, minimum=0, why=" (batch b of a run is seeded with seed + b)")
+
+
+def check_device(cfg: DictConfig) -> None:
+    import torch  # here, not at the top: the other checks answer without waiting for torch
+
+    if cfg.device == "auto":
+        return
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"device={cfg.device!r} is not a device the lab runs on: use auto, cpu, cuda or cuda:<index>")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"device={cfg.device} but this machine has no usable CUDA GPU (torch.cuda.is_available() is False): "
+                "use device=cpu, or device=auto to take a GPU when there is one"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device={cfg.device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_output_root(cfg: DictConfig) -> None:
+    """paths.output_root must be a folder that can hold run folders: try it (permissions alone do not tell)."""
+    root = Path(cfg.paths.output_root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"paths.output_root={str(root)!r} is a file, not a folder: point it at a folder, "
+                        "e.g. paths.output_root=outputs")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"paths.output_root={str(root)!r} cannot hold run folders ({error.strerror or error}): point it at a "
+            "folder you can write, e.g. paths.output_root=outputs"
+        ) from None
+
+
+def check_logger(cfg: DictConfig) -> None:
+    logger = cfg.logger
+    if logger.name == "none":
+        return
+    if logger.name != "wandb":
+        raise UserError(f"logger.name={logger.name!r} is unknown: use logger=wandb or logger=none")
+    if logger.mode not in WANDB_MODES:
+        raise UserError(f"logger.mode={logger.mode!r} is unknown: use one of {', '.join(WANDB_MODES)}")
+    flag("logger.verbose", logger.get("verbose", False))
+    if logger.mode == "online":
+        check_wandb_online()
+
+
+def check_wandb_online() -> None:
+    """Online W&B needs a key and the server: find out now, in seconds, not after the run's first 90 s."""
+    import wandb
+
+    offline = "or use logger.mode=offline and upload later with `wandb sync <run folder>/wandb/offline-run-*`"
+    server = urlparse(wandb.setup().settings.base_url)  # WANDB_BASE_URL, or W&B's own
+    try:
+        socket.create_connection((server.hostname, server.port or 443), timeout=5).close()
+    except OSError as error:
+        raise UserError(f"logger.mode=online cannot reach the W&B server {server.geturl()} ({error}): check the "
+                        f"network, {offline}") from None
+    with contextlib.redirect_stderr(io.StringIO()):  # its "key loaded" chatter; the check answers for itself
+        has_key = wandb.login(prompt=False, verify=False)
+    if not has_key:
+        raise UserError(f"logger.mode=online needs a W&B API key: run `wandb login` or set WANDB_API_KEY, {offline}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Keys that many experiments share: their `check(cfg)` calls these
+
+
+def check_model(cfg: DictConfig) -> None:
+    """Batch size, sampling settings, the model's own keys and its weight files."""
+    from models.pipeline import missing_model_files, schedule_and_depth
+
+    model = cfg.model
+    whole("model.batch_size", model.batch_size, minimum=1, why=" (images generated at once)")
+    sampling = model.sampling
+    number("model.sampling.cfg", sampling.cfg, 0, float("inf"), why=" (1 = no guidance; the official scripts use 3)")
+    number("model.sampling.tau", sampling.tau, 0, float("inf"), low_open=True,
+           why=" (the logits are multiplied by 1/tau; small = sharper)")
+    whole("model.sampling.top_k", sampling.top_k, minimum=0, why=" (0 = off)")
+    number("model.sampling.top_p", sampling.top_p, 0, 1, why=" (0 = off)")
+    if missing := missing_model_files(model):
+        raise UserError(
+            "missing model weights; nothing was computed:\n  " + "\n  ".join(missing)
+            + "\nPoint paths.weights_dir (or model.checkpoint_dir for the tiny model) or model.files.<key> at them."
+        )
+    schedule_and_depth(model)  # checks the resolution, aspect ratio and architecture keys
+
+
+def check_prompts(cfg: DictConfig) -> list[dict]:
+    """The run's prompts (evals/prompts.py reads and checks them; an empty list is an error there)."""
+    from evals.prompts import load_prompts
+
+    return load_prompts(cfg.prompts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mistyped keys
+
+
+def unknown_key_hints(arguments: list[str], config_dir: Path) -> list[str]:
+    """For each `key=value` override whose key is not in the composed config, a line with the closest keys.
+
+    Hydra refuses such an override before any of our code runs (exit 1, "Key ... is not in struct") and
+    suggests adding it with `+`, which is rarely what the user meant; run.py adds these lines.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in arguments if not a.startswith("-")])
+    except HydraException:
+        return []
+    group_choices = [o.input_line for o in overrides if (config_dir / o.key_or_group).is_dir()]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose("config", group_choices)
+    except HydraException:
+        return []  # the group choices themselves are wrong: Hydra's own message says which
+    known = list(_flat_keys(OmegaConf.to_container(cfg, resolve=False)))
+    hints = []
+    for override in overrides:
+        key = override.key_or_group
+        own = override.input_line in group_choices or override.is_add() or override.is_delete() or key in known
+        if own or key.startswith("hydra"):  # Hydra's own settings are not in the composed config
+            continue
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hints.append(f"error: {key} is not a config key" + (f"; did you mean {' or '.join(close)}?" if close else
+                     "; `python run.py <same groups> --cfg job` lists every key"))
+    return hints
+
+
+def _flat_keys(node: dict, prefix: str = "") -> Iterator[str]:
+    for key, value in node.items():
+        yield f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flat_keys(value, f"{prefix}{key}.")
