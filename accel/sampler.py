@@ -167,7 +167,7 @@ def generate(
     branches: Branches = "both" if use_cfg else "cond"
     cache = KVCache(transformer.config.depth)
     final_size = (schedule[-1][0] * vae.patch, schedule[-1][1] * vae.patch)
-    latent = torch.zeros(batch, vae.config.codebook_dim, *final_size, device=model.device)
+    latent = vae.zero_latent(batch, final_size, model.device)
     previous_hidden, previous_grid = None, None
     all_bits: list[Tensor | None] = []
 

@@ -314,6 +314,7 @@ def check_comparison(cfg: DictConfig, methods: list[Method], settings_key: str) 
     whole(f"{settings_key}.warmup", options.warmup, minimum=1, why=" (untimed rounds: first calls pay one-off costs)")
     whole(f"{settings_key}.samples_shown", options.samples_shown, minimum=1)
     flag(f"{settings_key}.fid", options.fid)
+    build_metrics(cfg.metrics)  # names and settings; nothing is loaded
     spec = ModelSpec.of_config(cfg.model)
     for method in methods:
         build_policy(method.accel, spec)

@@ -344,7 +344,7 @@ class BSQVAE(nn.Module):
 
     def bits_to_codes(self, bits: Tensor) -> Tensor:
         """(B, h, w, bits_per_token) 0/1 -> unit-norm codes (B, codebook_dim, h * patch, w * patch), each entry
-        +-1/sqrt(codebook_dim).
+        +-1/sqrt(codebook_dim); channels-last in memory, as the official codes.
 
         With patchify, token bit k is latent channel k // 4 at sub-position ((k % 4) // 2, k % 2).
         """
@@ -355,11 +355,16 @@ class BSQVAE(nn.Module):
         """(B, codebook_dim, h * patch, w * patch) -> transformer input (B, h * w, bits_per_token), row-major."""
         return F.pixel_unshuffle(latent, self.patch).flatten(2).transpose(1, 2)
 
+    def zero_latent(self, batch: int, size: tuple[int, int], device: torch.device) -> Tensor:
+        """The empty sum of codes (B, codebook_dim, *size), channels-last like the codes the official code adds to
+        it: resizing and decoding round differently per memory layout, so bitwise parity needs the same one."""
+        return torch.zeros(batch, self.config.codebook_dim, *size, device=device).to(memory_format=torch.channels_last)
+
     def teacher_forcing_inputs(self, bits: list[Tensor], schedule: list[tuple[int, int]]) -> Tensor:
         """Transformer inputs of scales 1..K-1 from the bits of every scale, as the sampler builds them:
         the codes accumulated before each scale on the final grid, resized to its grid -> (B, L - 1, bits)."""
         final = (schedule[-1][0] * self.patch, schedule[-1][1] * self.patch)
-        accumulated = torch.zeros(bits[0].shape[0], self.config.codebook_dim, *final, device=bits[0].device)
+        accumulated = self.zero_latent(bits[0].shape[0], final, bits[0].device)
         inputs = []
         for (h, w), scale_bits in zip(schedule[1:], bits[:-1]):
             accumulated = accumulated + resize_latent(self.bits_to_codes(scale_bits), final)

@@ -49,6 +49,7 @@ def refused(capsys: pytest.CaptureFixture, output_root: Path, *overrides: str) -
         (["experiment=accel_eval", "accel.rank_ratio=2"], "accel.rank_ratio=2"),
         (["experiment=accel_compare", "accel_compare.warmup=0"], "accel_compare.warmup=0"),
         (["experiment=stage_probe", "stages.ranks.energy=0.5"], "stages.ranks.energy=0.5"),
+        (["experiment=accel_eval", "metrics.names=[ssim,no_such_metric]"], "'no_such_metric' in metrics.names"),
         (["experiment=prefix_probe", "prompts=list", "prompts.texts=[a red cube]"], "prompts=shapes_eval"),
         (["experiment=train_tiny", "train.vae.steps=0"], "train.vae.steps=0"),
         (["experiment=train_tiny", "train.resume=/no/such/run"], "train.resume='/no/such/run'"),

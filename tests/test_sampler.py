@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from accel.sampler import SamplingConfig, ScalePlan, generate, sample_bits
+from models.bsq_vae import resize_latent
 from models.pipeline import TextToImageModel
 
 from helpers import ScaleRecorder, small_config, small_model
@@ -49,6 +50,20 @@ def test_tau_multiplies_the_logits_by_its_inverse_like_the_official_code(model):
     logits = plain.records[0].logits
     assert not torch.equal(logits / tau, logits * (1 / tau))  # this tau tells the two roundings apart
     assert torch.equal(tempered.records[0].logits, logits * (1 / tau))
+
+
+def test_codes_accumulate_channels_last_like_the_official_code(model):
+    # PyTorch's trilinear resize rounds differently per memory layout; the official sum of codes is channels-last.
+    recorder = ScaleRecorder()
+    result = generate(model, PROMPTS, SamplingConfig(cfg=1.0, tau=1.0), seed=0, observers=[recorder], decode=False)
+    assert all(r.latent.is_contiguous(memory_format=torch.channels_last) for r in recorder.records)
+    assert result.latent.is_contiguous(memory_format=torch.channels_last)  # what the VAE decodes
+    codes = model.vae.bits_to_codes(recorder.records[1].bits)
+    resized = resize_latent(codes, (8, 8))
+    assert codes.is_contiguous(memory_format=torch.channels_last) and resized.is_contiguous(memory_format=torch.channels_last)
+    # The layout matters: a contiguous copy of the same codes, resized, gives other bits somewhere.
+    odd = torch.randn(2, 16, 3, 5, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(resize_latent(odd, (7, 11)), resize_latent(odd.contiguous(), (7, 11)))
 
 
 def test_cfg_runs_both_branches_and_mixes_their_logits(model):
