@@ -77,7 +77,10 @@ def sweep_jobs(sweep_dir: Path) -> list[tuple[str, dict]]:
 
 
 def aggregate(sweep_dir: Path, recorder: RunRecorder, pareto_quality: str) -> dict:
-    """One row per job (the first job's baseline on top), tables/rank_sweep.csv and figures/pareto.png."""
+    """One row per job (the first job's baseline on top), tables/rank_sweep.csv and figures/pareto.png.
+
+    Every job's speedup and quality deltas are against the baseline measured in that same job, never another's:
+    timing drifts between jobs on a shared machine."""
     jobs = sweep_jobs(sweep_dir)
     first = jobs[0][1]
     if pareto_quality not in first["scores"]:
