@@ -1,6 +1,7 @@
 """Bad config values stop a run before any compute: exit 2, one `error:` paragraph naming the key, no traceback,
 and no run folder (experiments/config_checks.py). Runs in this process through run.main(), as tests/helpers.run_py."""
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -99,6 +100,20 @@ def fresh_wandb(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.usefixtures("fresh_wandb")
+def test_an_immutable_output_root_is_refused(capsys, tmp_path: Path):
+    output_root = tmp_path / "outputs"
+    output_root.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(output_root)]).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_py("experiment=world_preview", "logger=none", f"paths.output_root={output_root}")
+    finally:
+        subprocess.run(["chattr", "-i", str(output_root)], check=True)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "cannot hold run folders" in err and not list(output_root.iterdir())
+
+
 def test_online_wandb_without_a_key_is_refused(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
