@@ -116,13 +116,6 @@ class PivotalTokenRouter:
             return branch(x, rope)
         centred = x.float() - x.float().mean(1, keepdim=True)
         positions = centred.pow(2).sum(-1).topk(keep, dim=1).indices  # (R, keep)
-        output = branch(gather_tokens(x, positions), gather_rope(rope, positions))
+        output = branch(gather_tokens(x, positions), rope.at(positions))
         cached = resize_tokens(self.cache.outputs[name, layer], self.cache.grid, self.grid, mode="area")
         return scatter_tokens(cached, positions, output)
-
-
-def gather_rope(rope: Rope, positions: Tensor) -> Rope:
-    """The Rope (1 | R, 1, n, d) of a scale's tokens at per-row positions (R, r) -> (R, 1, r, d)."""
-    rows, half = positions.shape[0], rope.cos.shape[-1]
-    index = positions[:, None, :, None].expand(-1, 1, -1, half)
-    return Rope(*(angles.expand(rows, -1, -1, -1).gather(2, index) for angles in (rope.cos, rope.sin)))

@@ -165,7 +165,8 @@ def generate(
     features, lengths = text_tokens.features.to(model.device), text_tokens.lengths.to(model.device)
     text = transformer.encode_text(features, lengths, with_null=use_cfg)
     branches: Branches = "both" if use_cfg else "cond"
-    cache = KVCache(transformer.config.depth)
+    cache = KVCache(transformer.config.depth, capacity=sum(h * w for h, w in schedule))
+    ropes = [transformer.rope(grid, model.rope_grid) for grid in schedule]  # once, on the device
     final_size = (schedule[-1][0] * vae.patch, schedule[-1][1] * vae.patch)
     latent = vae.zero_latent(batch, final_size, model.device)
     previous_hidden, previous_grid = None, None
@@ -194,7 +195,7 @@ def generate(
 
         with model.autocast():
             tokens, positions = (inputs, None) if plan.token_subset is None else plan.token_subset.reduce(inputs, grid)
-            rope = transformer.rope(grid, model.rope_grid, positions)
+            rope = ropes[k] if positions is None else ropes[k].at(positions)
             router = plan.router or run_on_all_tokens
             hidden, block_hidden = transformer.forward_blocks(tokens, k, text, rope, cache, router, capture=capture)
             if plan.token_subset is not None:

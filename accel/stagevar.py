@@ -141,7 +141,7 @@ class RepresentativeTokens:
     def representative_positions(self, inputs: Tensor, grid: Grid) -> Tensor:
         """The index set I: raster positions (r,) shared by all rows, or (R, r) per row."""
         if self.indices == "uniform_grid":
-            positions = dither_order(grid)[: self.rank]
+            positions = dither_order(grid, inputs.device)[: self.rank]  # built on the device: no copy
         elif self.indices == "random":
             positions = torch.randperm(grid[0] * grid[1], generator=self.generator)[: self.rank]
         else:
@@ -175,10 +175,11 @@ def interpolate_from(tokens: Tensor, positions: Tensor, grid: Grid, fallback: Te
     return torch.where(reached, mean.to(tokens.dtype), fallback.to(tokens.dtype))
 
 
-def dither_order(grid: Grid) -> Tensor:
+def dither_order(grid: Grid, device: torch.device | str = "cpu") -> Tensor:
     """Raster positions of a grid sorted by their ordered-dither (Bayer) rank: every prefix is evenly spread."""
     h, w = grid
-    ys, xs = (axis.flatten() for axis in torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"))
+    rows, columns = torch.arange(h, device=device), torch.arange(w, device=device)
+    ys, xs = (axis.flatten() for axis in torch.meshgrid(rows, columns, indexing="ij"))
     rank = torch.zeros_like(ys)
     for bit in range(max(h, w).bit_length()):  # interleave the bits of (y xor x, y), least significant first
         rank = (rank << 2) | ((ys ^ xs) >> bit & 1) << 1 | (ys >> bit & 1)

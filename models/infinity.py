@@ -93,6 +93,14 @@ class Rope:
     def cat(ropes: list[Rope]) -> Rope:
         return Rope(torch.cat([r.cos for r in ropes], dim=2), torch.cat([r.sin for r in ropes], dim=2))
 
+    def at(self, positions: Tensor) -> Rope:
+        """The angles of a subset of this scale's tokens: raster positions (r,) shared by all rows, or (R, r)."""
+        if positions.dim() == 1:
+            return Rope(self.cos[:, :, positions], self.sin[:, :, positions])
+        index = positions[:, None, :, None].expand(-1, 1, -1, self.cos.shape[-1])
+        rows = positions.shape[0]
+        return Rope(*(angles.expand(rows, -1, -1, -1).gather(2, index) for angles in (self.cos, self.sin)))
+
 
 def grid_positions(grid: Grid, final_grid: Grid) -> tuple[Tensor, Tensor]:
     """Integer (y, x) coordinates of a grid's tokens on the final grid, in raster order ("star style").
@@ -136,18 +144,31 @@ class TextCondition:
 
 
 class KVCache:
-    """Keys (after RoPE) and values of every scale seen so far, one entry per block."""
+    """Keys (after RoPE) and values of every scale seen so far, one entry per block.
 
-    def __init__(self, depth: int):
+    Each block's buffers hold `capacity` tokens (the whole schedule), allocated at its first scale: a scale
+    writes its k, v in place and attention reads a view of what is filled, instead of re-concatenating the
+    cache (a new allocation and a copy of everything cached) at every scale.
+    """
+
+    def __init__(self, depth: int, capacity: int):
+        self.capacity = capacity
         self.keys: list[Tensor | None] = [None] * depth
         self.values: list[Tensor | None] = [None] * depth
+        self.filled = [0] * depth
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append this scale's k, v (B, H, n, hd) and return everything cached for the layer."""
-        old_k, old_v = self.keys[layer], self.values[layer]
-        self.keys[layer] = k if old_k is None else torch.cat((old_k, k), dim=2)
-        self.values[layer] = v if old_v is None else torch.cat((old_v, v), dim=2)
-        return self.keys[layer], self.values[layer]
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_empty(*k.shape[:2], self.capacity, k.shape[3])
+            self.values[layer] = v.new_empty(*v.shape[:2], self.capacity, v.shape[3])
+        start, end = self.filled[layer], self.filled[layer] + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} tokens is full: block {layer} needs {end}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        self.filled[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def keep_rows(self, index: Tensor | slice) -> None:
         """Keep only some batch rows, e.g. the null-text half when CFG is dropped."""
@@ -155,7 +176,7 @@ class KVCache:
         self.values = [None if v is None else v[index] for v in self.values]
 
     def lengths(self) -> list[int]:
-        return [0 if k is None else k.shape[2] for k in self.keys]
+        return list(self.filled)
 
 
 # A router decides which tokens a residual branch sees (FastVAR-style pruning). It receives the branch name
@@ -402,12 +423,9 @@ class Infinity(nn.Module):
         """Scale input: accumulated codes at the scale's grid (B, n, bits) -> (B, n, C)."""
         return self.word_embed(code_tokens.float())
 
-    def rope(self, grid: Grid, final_grid: Grid, positions: Tensor | None = None) -> Rope:
-        """Rope of a grid's tokens; `positions` (n,) or (B, n) picks a subset by raster index."""
-        ys, xs = grid_positions(grid, final_grid)
-        if positions is not None:
-            ys, xs = ys.to(positions.device)[positions], xs.to(positions.device)[positions]
-        rope = rope_angles(self.config, ys, xs)
+    def rope(self, grid: Grid, final_grid: Grid) -> Rope:
+        """Rope of a grid's tokens, on the model's device (`Rope.at` picks a subset)."""
+        rope = rope_angles(self.config, *grid_positions(grid, final_grid))
         device = self.pos_start.device
         return Rope(rope.cos.to(device), rope.sin.to(device))
 
@@ -431,7 +449,9 @@ class Infinity(nn.Module):
         blocks listed in `capture`.
         """
         capture = set(capture)
-        x = x + self.lvl_embed(torch.as_tensor(scale_index, device=x.device))
+        # An int indexes the table directly: a tensor made from it would be a host-to-device copy per scale.
+        level = self.lvl_embed.weight[scale_index] if isinstance(scale_index, int) else self.lvl_embed(scale_index)
+        x = x + level
         captured: dict[int, Tensor] = {}
         for block in self.blocks:
             x = block(x, text, rope, cache, router, attn_mask)

@@ -101,7 +101,7 @@ def test_kv_cached_scales_equal_the_block_causal_full_sequence(small_model):
     inputs = torch.randn(4, sum(h * w for h, w in schedule[1:]), 8)
     with torch.no_grad():
         full = small_model(inputs, text, schedule, rope_grid)
-        cache, cached, start = KVCache(4), [], 0
+        cache, cached, start = KVCache(4, capacity=30), [], 0
         for k, grid in enumerate(schedule):
             if k == 0:
                 tokens = small_model.start_tokens(text)
@@ -112,6 +112,45 @@ def test_kv_cached_scales_equal_the_block_causal_full_sequence(small_model):
             cached.append(small_model.head_logits(hidden, text))
     assert torch.allclose(torch.cat(cached, dim=1), full, atol=1e-4, rtol=0)
     assert cache.lengths() == [30] * 4
+
+
+class ConcatenatingKVCache(KVCache):
+    """The reference: a new tensor per scale, everything cached so far concatenated with the new k, v."""
+
+    def __init__(self, depth: int):
+        super().__init__(depth, capacity=0)
+
+    def extend(self, layer, k, v):
+        old_k, old_v = self.keys[layer], self.values[layer]
+        self.keys[layer] = k if old_k is None else torch.cat((old_k, k), dim=2)
+        self.values[layer] = v if old_v is None else torch.cat((old_v, v), dim=2)
+        self.filled[layer] = self.keys[layer].shape[2]
+        return self.keys[layer], self.values[layer]
+
+
+def test_the_preallocated_kv_cache_gives_the_logits_of_the_concatenating_one(small_model):
+    schedule, rope_grid = [(1, 1), (2, 2), (3, 3)], (3, 3)
+    torch.manual_seed(2)
+    full_text = small_model.encode_text(torch.randn(2, 5, 32), torch.tensor([5, 2]), with_null=True)
+    scale_tokens = [small_model.start_tokens(full_text)] + [torch.randn(4, h * w, 64) for h, w in schedule[1:]]
+    logits = []
+    for cache in (KVCache(4, capacity=14), ConcatenatingKVCache(4)):
+        text = full_text
+        with torch.no_grad():
+            for k, (grid, tokens) in enumerate(zip(schedule, scale_tokens)):
+                if k == 2:  # CFG dropped: the null-text rows go on
+                    cache.keep_rows(slice(2, 4))
+                    text, tokens = text.rows(slice(2, 4)), tokens[2:]
+                hidden, _ = small_model.forward_blocks(tokens, k, text, small_model.rope(grid, rope_grid), cache)
+            logits.append(small_model.head_logits(hidden, text))
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_a_full_kv_cache_says_so(small_model):
+    cache = KVCache(1, capacity=3)
+    cache.extend(0, torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
+    with pytest.raises(ValueError, match="KV cache of 3 tokens is full"):
+        cache.extend(0, torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
 
 
 def test_null_text_rows_use_the_learned_null_embedding(small_model):

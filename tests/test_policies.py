@@ -228,3 +228,21 @@ def test_a_stages_file_for_another_model_or_schedule_is_refused(model, tmp_path,
     path = stages_file(tmp_path, model_name, [[s, s] for s in schedule], refinement_start=3, ranks=[1] * 5)
     with pytest.raises(UserError, match="was made for model"):
         policy(model, "stagevar", stages_file=path)
+
+
+HOST_SYNCS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [("none", {}), ("cfg_drop", {}), ("stagevar", {}), ("stagevar", {"restore_from": "previous"}),
+     ("stagevar", {"indices": "topk_norm"}), ("fastvar", {}), ("skipvar", {"cond_only_last": 2})],
+)
+def test_the_scale_loop_never_waits_for_the_device(model, monkeypatch, name, overrides):
+    # On a GPU each of these reads a tensor's value on the host, so the host waits for every queued kernel.
+    calls = []
+    for method in HOST_SYNCS:
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _m=method, _o=original, **k: calls.append(_m) or _o(self, *a, **k))
+    run(model, policy(model, name, **overrides), decode=False)
+    assert calls == []
