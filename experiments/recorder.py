@@ -17,15 +17,17 @@ import numbers
 import os
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Sequence
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-import wandb
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+
+if TYPE_CHECKING:  # imported when W&B starts: logger=none runs without the package (the GPU image lacks it)
+    import wandb
 
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class RunRecorder:
         self.results_path = self.run_dir / "results.jsonl"
         self.summary_path = self.run_dir / "summary.json"
         self._wandb_run: wandb.Run | None = None
+        self._wandb: ModuleType | None = None  # the wandb package, once W&B has started
         self._started_at = 0.0
 
     def __enter__(self) -> RunRecorder:
@@ -78,7 +81,7 @@ class RunRecorder:
         fig.savefig(path, dpi=150, bbox_inches="tight")
         plt.close(fig)
         if self._wandb_run is not None:
-            self._wandb_run.log({f"figures/{name}": wandb.Image(str(path))})
+            self._wandb_run.log({f"figures/{name}": self._wandb.Image(str(path))})
         return path
 
     def save_images(
@@ -98,7 +101,7 @@ class RunRecorder:
             Image.fromarray(image).save(path)
             paths.append(path)
         if self._wandb_run is not None:
-            self._wandb_run.log({subdir: [wandb.Image(str(p), caption=p.stem) for p in paths]})
+            self._wandb_run.log({subdir: [self._wandb.Image(str(p), caption=p.stem) for p in paths]})
         return paths
 
     def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -111,7 +114,7 @@ class RunRecorder:
             writer.writerow(columns)
             writer.writerows(rows)
         if self._wandb_run is not None:
-            self._wandb_run.log({f"tables/{name}": wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+            self._wandb_run.log({f"tables/{name}": self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
         return format_table(columns, rows)
 
     def finish(self, summary: dict[str, Any]) -> None:
@@ -125,6 +128,9 @@ class RunRecorder:
         logger = self.cfg.logger
         if logger.name == "none":
             return None
+        import wandb
+
+        self._wandb = wandb
         try:
             return self._init_wandb(logger.mode)
         except wandb.errors.Error as error:
@@ -138,7 +144,7 @@ class RunRecorder:
 
     def _init_wandb(self, mode: str) -> wandb.Run:
         logger = self.cfg.logger
-        return wandb.init(
+        return self._wandb.init(
             mode=mode,
             project=logger.project,
             entity=logger.entity,
@@ -146,7 +152,7 @@ class RunRecorder:
             tags=list(logger.tags),
             config=OmegaConf.to_container(self.cfg, resolve=True),
             dir=self.run_dir,
-            settings=wandb.Settings(quiet=not logger.get("verbose", False)),  # its banner buries the run's own output
+            settings=self._wandb.Settings(quiet=not logger.get("verbose", False)),  # its banner buries the run's own output
         )
 
     def _write_summary(self, status: str, fields: dict[str, Any]) -> None:

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -133,3 +135,17 @@ def test_offline_wandb_keeps_its_files_in_the_run_folder(tmp_path: Path):
     assert len(offline_runs) == 1
     assert list(offline_runs[0].glob("run-*.wandb"))  # the file `wandb sync` uploads
     assert list(offline_runs[0].glob("files/media/images/**/*.png"))
+
+
+def test_without_wandb_installed_logger_none_still_records(tmp_path: Path):
+    # The GPU machine's image has no wandb: runs with logger=none must not need it.
+    script = (
+        "import sys; sys.modules['wandb'] = None\n"
+        "from omegaconf import OmegaConf\n"
+        "from experiments.recorder import RunRecorder\n"
+        "cfg = OmegaConf.create({'task': 'unit', 'logger': {'name': 'none'}})\n"
+        f"with RunRecorder(cfg, {str(tmp_path)!r}) as recorder:\n"
+        "    recorder.finish({'overall': 1.0})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], check=True)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "complete"
