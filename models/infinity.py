@@ -306,7 +306,10 @@ class CrossAttnBlock(nn.Module):
             return self.sa(modulated, tokens_rope, cache, self.index, attn_mask) * gamma1
 
         def cross_attention(tokens: Tensor, tokens_rope: Rope) -> Tensor:
-            return self.ca(self.ca_norm(tokens), text.memory, text.memory_mask)
+            # In fp32 with fp32 copies of its (bf16) parameters, as bf16 autocast runs LayerNorm on CUDA.
+            norm = self.ca_norm
+            normed = F.layer_norm(tokens.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+            return self.ca(normed, text.memory, text.memory_mask)
 
         def feed_forward(tokens: Tensor, tokens_rope: Rope) -> Tensor:
             return self.ffn(ada_layer_norm(tokens, scale2, shift2, self.eps).to(tokens.dtype)) * gamma2
@@ -374,6 +377,12 @@ class Infinity(nn.Module):
     @property
     def blocks(self) -> list[CrossAttnBlock]:
         return [block for chunk in self.block_chunks for block in chunk.module]
+
+    def blocks_to(self, dtype: torch.dtype) -> None:
+        """The official inference numerics with dtype=bf16: the blocks in bf16 (run under bf16 autocast); the
+        embeddings, text path, norms before the head and the head stay fp32."""
+        for block in self.blocks:
+            block.to(dtype)
 
     def init_weights(self, std: float = 0.02) -> None:
         """Initialisation for training from scratch (checkpoints overwrite everything)."""

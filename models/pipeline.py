@@ -155,7 +155,8 @@ def load_infinity(
     if not random_init or paths["text_encoder"].exists():
         check_files(needed, layout)
 
-    transformer, vae = Infinity(make_transformer_config()), BSQVAE(make_vae_config())
+    with device:  # built where it runs: a 2B model is not first made (and randomly initialised) on the CPU
+        transformer, vae = Infinity(make_transformer_config()), BSQVAE(make_vae_config())
     if random_init:
         transformer.init_weights()
     else:
@@ -172,9 +173,8 @@ def load_infinity(
 
     use_bf16 = precision == "bf16" and device.type == "cuda"
     transformer.to(device).eval()
-    if use_bf16:  # official numerics: blocks in bf16; embeddings, norms and head stay fp32
-        for block in transformer.blocks:
-            block.to(torch.bfloat16)
+    if use_bf16:
+        transformer.blocks_to(torch.bfloat16)
     return TextToImageModel(
         name, transformer, vae.to(device).eval(), text_encoder, schedule,
         rope_grid=full_template(h_div_w)[-1], device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None,

@@ -55,6 +55,8 @@ def refused(capsys: pytest.CaptureFixture, output_root: Path, *overrides: str) -
         (["experiment=train_tiny", "train.vae.steps=0"], "train.vae.steps=0"),
         (["experiment=train_tiny", "train.resume=/no/such/run"], "train.resume='/no/such/run'"),
         (["experiment=world_preview", "preview.num_images=0"], "preview.num_images=0"),
+        (["experiment=device_benchmark", "model=tiny", "device_benchmark.batch_sizes=[1,0]"],
+         "device_benchmark.batch_sizes[1]=0"),
     ],
 )
 def test_a_bad_value_stops_the_run_before_any_compute(capsys, tmp_path: Path, overrides: list[str], named: str):
