@@ -34,7 +34,7 @@ class ScaleMacs:
     index: int
     grid: Grid
     rows: int  # CFG rows that ran (0 when skipped)
-    tokens: int  # tokens entering the blocks
+    tokens: int  # tokens entering the first block
     kv_lengths: list[int]  # per block, after this scale
     macs: int
 
@@ -73,9 +73,14 @@ def count_macs(
             continue
         both_branches = both_branches and plan.branches == "both"
         rows = batch_size * (2 if both_branches else 1)
-        tokens = h * w if plan.token_subset is None else plan.token_subset.num_tokens((h, w))
+        blocks_per_chunk = config.depth // config.block_chunks
+        chunk_tokens = [
+            h * w if plan.token_subset is None else plan.token_subset.num_tokens((h, w), chunk)
+            for chunk in range(config.block_chunks)
+        ]
         per_row = 2 * C * C + 2 * config.bits_per_token * C * h * w  # head
         for layer in range(config.depth):
+            tokens = chunk_tokens[layer // blocks_per_chunk]
             n_sa, n_ca, n_ffn = (
                 tokens if plan.router is None else plan.router.tokens_run(name, layer, tokens) for name in BRANCHES
             )
@@ -83,5 +88,5 @@ def count_macs(
             per_row += 4 * C * C * n_sa + 2 * C * n_sa * kv_lengths[layer]
             per_row += 2 * C * C * n_ca + 2 * C * C * T + 2 * C * n_ca * T
             per_row += 2 * C * F * n_ffn
-        scales.append(ScaleMacs(k, (h, w), rows, tokens, list(kv_lengths), rows * per_row))
+        scales.append(ScaleMacs(k, (h, w), rows, chunk_tokens[0], list(kv_lengths), rows * per_row))
     return MacCount(scales)

@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from models.bsq_vae import resize_latent
-from models.infinity import BranchFn, KVCache, Rope, run_on_all_tokens
+from models.infinity import BranchFn, Infinity, KVCache, Rope, Router, TextCondition, run_on_all_tokens
 from models.pipeline import TextToImageModel
 from models.schedules import Grid
 
@@ -43,21 +43,34 @@ class SamplingConfig:
         return [float(v) for v in value]
 
 
-class TokenSubset(Protocol):
-    """Runs the transformer on a reduced token set and restores the full grid (StageVAR's RP + RTR)."""
+@dataclass
+class ReducedTokens:
+    """What a TokenSubset hands the blocks: r tokens, where their outputs go back, and the RoPE they get."""
 
-    def num_tokens(self, grid: Grid) -> int:
-        """How many tokens `reduce` keeps at this grid (for cost accounting without running the model)."""
+    tokens: Tensor  # (R, r, C)
+    positions: Tensor  # (r,) or (R, r): the raster positions the outputs are restored to
+    rope_positions: Tensor  # (r,) or (R, r): the positions whose RoPE the tokens get (usually `positions`)
+
+
+class TokenSubset(Protocol):
+    """Runs the blocks on a reduced token set and restores the full grid (StageVAR's RP + RTR): around the whole
+    block stack, or around each block chunk (`per_chunk`, as the released StageVAR code)."""
+
+    per_chunk: bool
+
+    def num_tokens(self, grid: Grid, chunk: int) -> int:
+        """How many tokens `reduce` keeps at this grid in this chunk (for cost accounting without running the model)."""
         ...
 
-    def reduce(self, inputs: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
-        """Scale input (R, M, C) -> reduced tokens (R, r, C) and their grid positions (r,) or (R, r)."""
+    def reduce(self, x: Tensor, grid: Grid, chunk: int) -> ReducedTokens:
+        """A unit's full input (R, M, C) (the level embedding added) -> the reduced tokens."""
         ...
 
     def restore(
-        self, hidden: Tensor, positions: Tensor, grid: Grid, previous: Tensor | None, previous_grid: Grid | None
+        self, hidden: Tensor, reduced: ReducedTokens, grid: Grid, previous: Tensor | None, previous_grid: Grid | None
     ) -> Tensor:
-        """Hidden states of the r tokens -> (R, M, C), filling the other positions from the previous scale."""
+        """The unit's outputs of the r tokens -> (R, M, C), the other positions from `previous`: the previous executed
+        scale's output of the same unit (the whole stack, or this chunk)."""
         ...
 
 
@@ -169,7 +182,8 @@ def generate(
     ropes = [transformer.rope(grid, model.rope_grid) for grid in schedule]  # once, on the device
     final_size = (schedule[-1][0] * vae.patch, schedule[-1][1] * vae.patch)
     latent = vae.zero_latent(batch, final_size, model.device)
-    previous_hidden, previous_grid = None, None
+    previous_outputs: list[Tensor | None] = []  # per block chunk, of the previous executed scale (restore reads them)
+    previous_grid: Grid | None = None
     all_bits: list[Tensor | None] = []
 
     for k, grid in enumerate(tqdm(schedule, desc="scales", leave=False, disable=not progress)):
@@ -183,7 +197,7 @@ def generate(
                 raise ValueError(f"scale {k}: cannot run branches={plan.branches!r} after dropping to {branches!r}")
             rows = _rows(plan.branches, batch)
             text = text.rows(rows)
-            previous_hidden = None if previous_hidden is None else previous_hidden[rows]
+            previous_outputs = [None if output is None else output[rows] for output in previous_outputs]
             cache.keep_rows(rows)
             branches = plan.branches
 
@@ -194,12 +208,11 @@ def generate(
             inputs = transformer.embed_tokens(code_tokens).repeat(text.num_rows // batch, 1, 1)
 
         with model.autocast():
-            tokens, positions = (inputs, None) if plan.token_subset is None else plan.token_subset.reduce(inputs, grid)
-            rope = ropes[k] if positions is None else ropes[k].at(positions)
-            router = plan.router or run_on_all_tokens
-            hidden, block_hidden = transformer.forward_blocks(tokens, k, text, rope, cache, router, capture=capture)
-            if plan.token_subset is not None:
-                hidden = plan.token_subset.restore(hidden, positions, grid, previous_hidden, previous_grid)
+            outputs, block_hidden = _run_chunks(
+                transformer, transformer.add_level(inputs, k), grid, text, ropes[k], cache, plan.router or run_on_all_tokens,
+                plan.token_subset, previous_outputs, previous_grid, capture,
+            )
+        hidden = outputs[-1]
         logits = transformer.head_logits(hidden, text) * (1 / tau[k])  # as the official code: rounds unlike / tau
         if branches == "both":
             logits = cfg[k] * logits[:batch] + (1 - cfg[k]) * logits[batch:]
@@ -210,11 +223,33 @@ def generate(
             bits = sample_bits(logits, sampling.top_k, sampling.top_p, generator).view(batch, *grid, -1)
         latent = latent + resize_latent(vae.bits_to_codes(bits), final_size)
         all_bits.append(bits)
-        previous_hidden, previous_grid = hidden, grid
+        previous_outputs, previous_grid = outputs, grid
         _notify(observers, ScaleRecord(k, grid, plan, inputs, hidden, block_hidden, logits, bits, latent, cache.lengths()))
 
     images = to_uint8(vae.decode(latent)) if decode else None
     return Generation(images, latent, all_bits)
+
+
+def _run_chunks(
+    transformer: Infinity, x: Tensor, grid: Grid, text: TextCondition, rope: Rope, cache: KVCache, router: Router,
+    subset: TokenSubset | None, previous: list[Tensor | None], previous_grid: Grid | None, capture: set[int],
+) -> tuple[list[Tensor | None], dict[int, Tensor]]:
+    """The block chunks in order on a scale's tokens x (R, M, C), with the plan's token subset around the whole
+    stack or around each chunk. -> each chunk's full output (None inside a reduced stack), captured blocks."""
+    chunks, outputs, captured = transformer.chunks, [], {}
+    reduced: ReducedTokens | None = None
+    for c, blocks in enumerate(chunks):
+        if subset is not None and (subset.per_chunk or c == 0):
+            reduced = subset.reduce(x, grid, c)
+            x = reduced.tokens
+        chunk_rope = rope if reduced is None else rope.at(reduced.rope_positions)
+        x, chunk_captured = transformer.run_blocks(x, blocks, text, chunk_rope, cache, router, capture=capture)
+        captured |= chunk_captured
+        if subset is not None and (subset.per_chunk or c == len(chunks) - 1):
+            unit_previous = (previous[c] if subset.per_chunk else previous[-1]) if previous else None
+            x, reduced = subset.restore(x, reduced, grid, unit_previous, previous_grid), None
+        outputs.append(x if reduced is None else None)
+    return outputs, captured
 
 
 def _notify(observers: Sequence[Observer], record: ScaleRecord) -> None:

@@ -39,12 +39,13 @@ from accel.policies import (
     KeptBranch,
     ModelSpec,
     check_choice,
+    count_from_end,
     first_refinement_scale,
     gather_tokens,
     resize_tokens,
     scatter_tokens,
 )
-from accel.sampler import ScalePlan
+from accel.sampler import ReducedTokens, ScalePlan
 from analysis.stages import load_stages
 from errors import UserError
 from models.schedules import Grid
@@ -69,8 +70,10 @@ class StageVARPolicy:
         restore_mode: str = "bicubic",
         restore_from: Literal["previous", "representatives"] = "representatives",
         seed: int = 0,
+        skip_last: int = 0,
     ):
         stages = load_stages(stages_file, spec.name, spec.schedule) if stages_file else None
+        self.first_skipped = len(spec.schedule) - count_from_end(spec, "skip_last", skip_last)
         self.refinement_start = first_refinement_scale(spec, refinement_start, stages)
         self.drop_cfg, self.reduce_tokens = drop_cfg, reduce_tokens
         self.keep_branch = check_choice("keep_branch", keep_branch, ("uncond", "cond"))
@@ -94,6 +97,8 @@ class StageVARPolicy:
     def plan(self, scale_index: int, grid: Grid, schedule: Sequence[Grid]) -> ScalePlan:
         if scale_index == 0:  # a new generation draws the same Q and I again
             self._generator = torch.Generator().manual_seed(self.seed)
+        if scale_index >= self.first_skipped:  # as the released code skips its last 2 scales (skip_last: 2)
+            return ScalePlan(skip=True)
         if scale_index < self.refinement_start:
             return ScalePlan()
         rank = self.rank_by_scale[scale_index]
@@ -117,26 +122,27 @@ class RepresentativeTokens:
     restore_mode: str
     restore_from: Literal["previous", "representatives"]
     generator: torch.Generator  # CPU, shared by the scales of one generation
+    per_chunk = False  # around the whole block stack
 
-    def num_tokens(self, grid: Grid) -> int:
+    def num_tokens(self, grid: Grid, chunk: int) -> int:
         return self.rank
 
-    def reduce(self, inputs: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
-        positions = self.representative_positions(inputs, grid)
+    def reduce(self, x: Tensor, grid: Grid, chunk: int) -> ReducedTokens:
+        positions = self.representative_positions(x, grid)
         if self.sketch == "selection":
-            return gather_tokens(inputs, positions), positions
-        projection = dense_sketch(self.sketch, inputs.shape[1], self.rank, self.generator)
-        return torch.einsum("mr,bmc->brc", projection.to(inputs), inputs), positions
+            return ReducedTokens(gather_tokens(x, positions), positions, positions)
+        projection = dense_sketch(self.sketch, x.shape[1], self.rank, self.generator)
+        return ReducedTokens(torch.einsum("mr,bmc->brc", projection.to(x), x), positions, positions)
 
     def restore(
-        self, hidden: Tensor, positions: Tensor, grid: Grid, previous: Tensor | None, previous_grid: Grid | None
+        self, hidden: Tensor, reduced: ReducedTokens, grid: Grid, previous: Tensor | None, previous_grid: Grid | None
     ) -> Tensor:
         if previous is None or previous_grid is None:
             raise ValueError("representative token restoration needs the previous scale's hidden states")
         restored = resize_tokens(previous, previous_grid, grid, self.restore_mode)
         if self.restore_from == "representatives":
-            restored = interpolate_from(hidden, positions, grid, fallback=restored)
-        return scatter_tokens(restored, positions, hidden)
+            restored = interpolate_from(hidden, reduced.positions, grid, fallback=restored)
+        return scatter_tokens(restored, reduced.positions, hidden)
 
     def representative_positions(self, inputs: Tensor, grid: Grid) -> Tensor:
         """The index set I: raster positions (r,) shared by all rows, or (R, r) per row."""

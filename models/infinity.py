@@ -15,7 +15,7 @@ a learned null text for CFG, and a head with two logits per bit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -440,6 +440,39 @@ class Infinity(nn.Module):
 
     # --- transformer ------------------------------------------------------------------------------------
 
+    @property
+    def chunks(self) -> list[list[CrossAttnBlock]]:
+        """The blocks in their checkpoint chunks (the unit of the released StageVAR's token reduction)."""
+        return [list(chunk.module) for chunk in self.block_chunks]
+
+    def add_level(self, x: Tensor, scale_index: int | Tensor) -> Tensor:
+        """Add the level (scale index) embedding to the tokens, as before the first block.
+
+        `scale_index` is an int, or a (n,) tensor of per-token scale indices for a full sequence.
+        """
+        # An int indexes the table directly: a tensor made from it would be a host-to-device copy per scale.
+        return x + (self.lvl_embed.weight[scale_index] if isinstance(scale_index, int) else self.lvl_embed(scale_index))
+
+    def run_blocks(
+        self,
+        x: Tensor,
+        blocks: Sequence[CrossAttnBlock],
+        text: TextCondition,
+        rope: Rope,
+        cache: KVCache | None = None,
+        router: Router = run_on_all_tokens,
+        attn_mask: Tensor | None = None,
+        capture: Iterable[int] = (),
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Run `blocks` in order on tokens x (B, n, C); returns the output and that of the blocks in `capture`."""
+        capture = set(capture)
+        captured: dict[int, Tensor] = {}
+        for block in blocks:
+            x = block(x, text, rope, cache, router, attn_mask)
+            if block.index in capture:
+                captured[block.index] = x
+        return x, captured
+
     def forward_blocks(
         self,
         x: Tensor,
@@ -451,22 +484,8 @@ class Infinity(nn.Module):
         attn_mask: Tensor | None = None,
         capture: Iterable[int] = (),
     ) -> tuple[Tensor, dict[int, Tensor]]:
-        """Run all blocks on tokens x (B, n, C) of one scale (or a whole teacher-forced sequence).
-
-        `scale_index` is an int, or a (n,) tensor of per-token scale indices for a full sequence. The level
-        embedding is added before the first block only. Returns the final hidden states and those of the
-        blocks listed in `capture`.
-        """
-        capture = set(capture)
-        # An int indexes the table directly: a tensor made from it would be a host-to-device copy per scale.
-        level = self.lvl_embed.weight[scale_index] if isinstance(scale_index, int) else self.lvl_embed(scale_index)
-        x = x + level
-        captured: dict[int, Tensor] = {}
-        for block in self.blocks:
-            x = block(x, text, rope, cache, router, attn_mask)
-            if block.index in capture:
-                captured[block.index] = x
-        return x, captured
+        """The level embedding, then every block on tokens x (B, n, C) of one scale (or a teacher-forced sequence)."""
+        return self.run_blocks(self.add_level(x, scale_index), self.blocks, text, rope, cache, router, attn_mask, capture)
 
     def head_logits(self, hidden: Tensor, text: TextCondition) -> Tensor:
         """(B, n, C) -> (B, n, 2 * bits) logits in fp32; logits[2k], logits[2k+1] score bit k = 0, 1."""

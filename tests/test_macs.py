@@ -43,7 +43,7 @@ def counted_flops(model: TextToImageModel, policy, monkeypatch: pytest.MonkeyPat
 
         return counted
 
-    for name in ("forward_blocks", "head_logits"):
+    for name in ("run_blocks", "head_logits"):
         monkeypatch.setattr(model.transformer, name, counting(getattr(model.transformer, name)))
 
     class KVLengths:
