@@ -24,7 +24,7 @@ from torch import Tensor
 from accel.sampler import BaselinePolicy, Policy, ScalePlan
 from analysis.stages import load_stages
 from errors import UserError
-from models.pipeline import TextToImageModel, schedule_and_depth
+from models.pipeline import TextToImageModel, schedule_and_transformer
 from models.schedules import Grid
 
 log = logging.getLogger(__name__)
@@ -40,15 +40,18 @@ class ModelSpec:
     name: str
     schedule: list[Grid]
     depth: int  # transformer blocks
+    block_chunks: int = 1  # the checkpoint's block chunks (the released StageVAR reduces tokens per chunk)
 
     @classmethod
     def of(cls, model: TextToImageModel) -> ModelSpec:
-        return cls(model.name, list(model.schedule), model.transformer.config.depth)
+        config = model.transformer.config
+        return cls(model.name, list(model.schedule), config.depth, config.block_chunks)
 
     @classmethod
     def of_config(cls, model_cfg: DictConfig) -> ModelSpec:
         """The spec of a `conf/model/*.yaml` node, without building the model (to check a policy before compute)."""
-        return cls(model_cfg.name, *schedule_and_depth(model_cfg))
+        schedule, config = schedule_and_transformer(model_cfg)
+        return cls(model_cfg.name, schedule, config.depth, config.block_chunks)
 
 
 def build_policy(accel_cfg: DictConfig, model: TextToImageModel | ModelSpec) -> Policy:

@@ -57,7 +57,7 @@ def infinity_2b_macs(methods: list[Method], settings: DictConfig) -> list[dict]:
     """MACs of one Infinity-2B generation per method (the baseline first) and their speedup over the baseline."""
     config = InfinityConfig.infinity_2b()
     schedule = infinity_schedule(settings.h_div_w, settings.pn)
-    spec = ModelSpec("infinity2b", schedule, config.depth)
+    spec = ModelSpec("infinity2b", schedule, config.depth, config.block_chunks)
 
     def macs(policy: Policy | None) -> int:
         return count_macs(config, schedule, policy, batch_size=1, text_length=settings.text_length).total

@@ -201,7 +201,7 @@ def check_wandb_online() -> None:
 
 def check_model(cfg: DictConfig) -> None:
     """Batch size, sampling settings, the model's own keys and its weight files."""
-    from models.pipeline import missing_model_files, schedule_and_depth
+    from models.pipeline import missing_model_files, schedule_and_transformer
 
     model = cfg.model
     whole("model.batch_size", model.batch_size, minimum=1, why=" (images generated at once)")
@@ -216,7 +216,7 @@ def check_model(cfg: DictConfig) -> None:
             "missing model weights; nothing was computed:\n  " + "\n  ".join(missing)
             + "\nPoint paths.weights_dir (or model.checkpoint_dir for the tiny model) or model.files.<key> at them."
         )
-    schedule_and_depth(model)  # checks the resolution, aspect ratio and architecture keys
+    schedule_and_transformer(model)  # checks the resolution, aspect ratio and architecture keys
 
 
 def check_prompts(cfg: DictConfig) -> list[dict]:

@@ -32,7 +32,7 @@ from errors import UserError
 from experiments.config_checks import check_model, check_prompts
 from experiments.generate import sampling_config
 from experiments.recorder import RunRecorder
-from models.pipeline import build_model, missing_model_files, resolve_device, schedule_and_depth
+from models.pipeline import build_model, missing_model_files, resolve_device, schedule_and_transformer
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +60,8 @@ class ProbeSettings:
         prompts = spread(check_prompts(cfg), probe.num_prompts)
         metrics = applicable_metrics(build_metrics(cfg.metrics, resolve_device(cfg.device)), prompts)
         require_files(cfg.model, metrics)
-        _, depth = schedule_and_depth(cfg.model)
-        blocks = probe.blocks(depth)
+        _, transformer = schedule_and_transformer(cfg.model)
+        blocks = probe.blocks(transformer.depth)
         if rank_choice.source not in [INPUTS] + [f"block{b}" for b in blocks]:
             raise UserError(f"stages.ranks.source={rank_choice.source!r}: use {INPUTS} or block<i> for i in {blocks}")
         return cls(probe, StageRule(**cfg.stages.rule), rank_choice, blocks, prompts, metrics)

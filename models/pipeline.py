@@ -103,16 +103,16 @@ def missing_model_files(model_cfg: DictConfig) -> list[str]:
     return [f"model.files.{key}: {path}" for key, path in paths.items() if not path.exists()]
 
 
-def schedule_and_depth(model_cfg: DictConfig) -> tuple[list[Grid], int]:
-    """The scale schedule and transformer depth a `conf/model/*.yaml` node describes, building nothing
+def schedule_and_transformer(model_cfg: DictConfig) -> tuple[list[Grid], InfinityConfig]:
+    """The scale schedule and transformer config a `conf/model/*.yaml` node describes, building nothing
     (for checks before any compute). The tiny model's files must exist (missing_model_files says)."""
     if hydra.utils.get_method(model_cfg._target_) is load_tiny:
         config = json.loads(tiny_paths(model_cfg.checkpoint_dir, model_cfg.files)["config"].read_text())
-        return parse_schedule(config["schedule"]), config["transformer"]["depth"]
+        return parse_schedule(config["schedule"]), _dataclass_from(InfinityConfig, config["transformer"])
     if model_cfg.arch not in _ARCHS:
         raise UserError(f"model.arch={model_cfg.arch!r} is unknown; choose one of {sorted(_ARCHS)}")
     make_transformer_config, _ = _ARCHS[model_cfg.arch]
-    return infinity_schedule(model_cfg.h_div_w, model_cfg.pn), make_transformer_config().depth
+    return infinity_schedule(model_cfg.h_div_w, model_cfg.pn), make_transformer_config()
 
 
 # ----------------------------------------------------------------------------------------------------------

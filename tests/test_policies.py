@@ -236,7 +236,8 @@ HOST_SYNCS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float_
 @pytest.mark.parametrize(
     ("name", "overrides"),
     [("none", {}), ("cfg_drop", {}), ("stagevar", {}), ("stagevar", {"restore_from": "previous"}),
-     ("stagevar", {"indices": "topk_norm"}), ("fastvar", {}), ("skipvar", {"cond_only_last": 2})],
+     ("stagevar", {"indices": "topk_norm"}), ("fastvar", {}), ("skipvar", {"cond_only_last": 2}),
+     ("stagevar_released", {"skip_last": 0})],
 )
 def test_the_scale_loop_never_waits_for_the_device(model, monkeypatch, name, overrides):
     # On a GPU each of these reads a tensor's value on the host, so the host waits for every queued kernel.
