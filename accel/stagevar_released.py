@@ -86,7 +86,8 @@ class ReleasedStageVARPolicy:
         if ranks == "probe":
             if not stages_file:
                 raise UserError("accel.ranks=probe takes the per-chunk ranks from the stage probe: set accel.stages_file")
-            ratios = probe_chunk_ratios(load_stages(stages_file, spec.name, spec.schedule), stages_file, alpha, reduced)
+            stages = load_stages(stages_file, spec.name, spec.schedule)
+            ratios = probe_chunk_ratios(stages, stages_file, alpha, reduced, num_chunks)
         else:
             ratios = {k: preset_ratios(alpha, k - num_scales, num_chunks) for k in reduced}
             if spec.schedule[-3:] != list(RELEASED_SCHEDULE_END) or num_chunks != 8:
@@ -191,7 +192,9 @@ def chunk_shares(ratios: Sequence[float], num_chunks: int) -> list[float]:
     return [sum(share) / len(share) for share in shares]
 
 
-def probe_chunk_ratios(stages: dict, stages_file: str, alpha: float, scales: Sequence[int]) -> dict[int, list[float]]:
+def probe_chunk_ratios(
+    stages: dict, stages_file: str, alpha: float, scales: Sequence[int], num_chunks: int
+) -> dict[int, list[float]]:
     """The stage probe's per-chunk rank ratios at energy `alpha` for `scales` (stages.json's `chunk_ranks`)."""
     chunk_ranks = stages.get("ranks", {}).get("chunk_ranks")
     remedy = "run experiment=stage_probe again (this code version measures them; probe.chunk_rank_energies lists the alphas)"
@@ -201,4 +204,7 @@ def probe_chunk_ratios(stages: dict, stages_file: str, alpha: float, scales: Seq
     if by_alpha is None:
         raise UserError(f"stages file {stages_file} has per-chunk ranks at {list(chunk_ranks['ratio'])}, not at "
                         f"accel.alpha={alpha}; {remedy}")
-    return {k: by_alpha[str(k)] for k in scales}
+    ratios = {k: by_alpha[str(k)] for k in scales}
+    if any(len(chunk_ratios) != num_chunks for chunk_ratios in ratios.values()):
+        raise UserError(f"stages file {stages_file} has ranks for another number of block chunks than {num_chunks}")
+    return ratios

@@ -182,10 +182,12 @@ def singular_value_spectra(run: ProbeRun) -> Figure:
 
 
 def rank_fractions(run: ProbeRun) -> Figure:
-    """Rank at each energy as a fraction of the token count M, per scale: mean (solid) and p90 (dashed)."""
+    """Rank at each energy as a fraction of the token count M, per scale: mean (solid) and p90 (dashed); and the
+    per-chunk ranks of the released StageVAR (rank of the centred chunk input over min(M, d)), one line per chunk."""
     sources = run.spectra["rank_sources"]
-    fig = Figure(figsize=(4.2 * len(sources), 3.4))
-    axes = fig.subplots(1, len(sources), squeeze=False, sharey=True)
+    chunk_ratios = run.stages["ranks"].get("chunk_ranks", {}).get("ratio", {})  # probes before them have none
+    fig = Figure(figsize=(4.2 * (len(sources) + bool(chunk_ratios)), 3.4))
+    axes = fig.subplots(1, len(sources) + bool(chunk_ratios), squeeze=False, sharey=True)
     num_scales = len(run.schedule)
     for axis, source in zip(axes[0], sources):
         for i, energy in enumerate(run.spectra["rank_energies"]):
@@ -196,5 +198,14 @@ def rank_fractions(run: ProbeRun) -> Figure:
         scale_axis(axis, run.schedule)
         axis.set_title(f"{source}: rank / M", fontsize=9)
     axes[0, 0].set_ylabel("rank fraction r / M")
-    axes[0, -1].legend(fontsize=6)
+    axes[0, len(sources) - 1].legend(fontsize=6)
+    if chunk_ratios:
+        alpha = "0.96" if "0.96" in chunk_ratios else next(iter(chunk_ratios))
+        axis, per_scale = axes[0, -1], chunk_ratios[alpha]
+        for c in range(len(per_scale["0"])):
+            axis.plot([per_scale[str(k)][c] for k in range(len(run.schedule))], marker="o", label=f"chunk {c}")
+        draw_stages(axis, run.stages)
+        scale_axis(axis, run.schedule)
+        axis.set_title(f"block-chunk inputs at alpha {alpha}: rank / min(M, d)", fontsize=9)
+        axis.legend(fontsize=6)
     return fig

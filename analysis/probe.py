@@ -20,7 +20,7 @@ from torch import Tensor
 from accel.sampler import ScaleRecord, to_uint8
 from analysis.metrics import Metric
 from analysis.ranks import RankAggregate, aggregate_rank, cumulative_energy, energy_ranks, singular_values
-from analysis.rows import INPUTS, band_key, rank_key
+from analysis.rows import INPUTS, band_key, chunk_rank_key, rank_key
 from analysis.spectra import band_change, band_labels, check_band_edges, radial_power_spectrum
 from errors import UserError
 from models.bsq_vae import BSQVAE
@@ -35,6 +35,8 @@ class ProbeConfig:
     rank_blocks: Sequence[int] = (0, -1)  # blocks whose output ranks are measured too; -1 is the last
     band_edges: Sequence[float] = (0.25, 0.5)  # normalised radii cutting the frequency bands (analysis/spectra.py)
     strip_prompts: int = 4  # prompts whose partial images are saved for the strip figure
+    chunk_rank_energies: Sequence[float] = (0.9, 0.95, 0.96, 0.99)  # alphas of the per-chunk ranks (the released
+    # StageVAR's presets: rank of the centred block-chunk input at energy alpha over min(M, d))
 
     def __post_init__(self) -> None:
         for key in ("num_prompts", "batch_size"):
@@ -42,8 +44,10 @@ class ProbeConfig:
                 raise UserError(f"probe.{key}={getattr(self, key)!r} must be a positive whole number")
         if self.strip_prompts < 0:
             raise UserError(f"probe.strip_prompts={self.strip_prompts} must be >= 0")
-        if not self.rank_energies or not all(0 < e <= 1 for e in self.rank_energies):
-            raise UserError(f"probe.rank_energies={list(self.rank_energies)} must be shares in (0, 1]")
+        for key in ("rank_energies", "chunk_rank_energies"):
+            energies = list(getattr(self, key))
+            if not energies or not all(0 < e <= 1 for e in energies):
+                raise UserError(f"probe.{key}={energies} must be shares in (0, 1]")
         try:
             check_band_edges(self.band_edges)
         except ValueError as error:
@@ -73,9 +77,13 @@ class RankChoice:
 class ScaleTrace:
     """Sampler observer for one prompt batch: partial images and feature singular values after every scale."""
 
-    def __init__(self, vae: BSQVAE, rank_blocks: Sequence[int]):
+    def __init__(self, vae: BSQVAE, rank_blocks: Sequence[int], chunk_starts: Sequence[int] = (0,)):
         self.vae = vae
-        self.capture_blocks = tuple(rank_blocks)
+        self.rank_blocks = tuple(rank_blocks)
+        # A chunk's input is the scale input (level embedding added) or the output of the block before it.
+        self.chunk_input_blocks = tuple(start - 1 for start in chunk_starts if start > 0)
+        self.capture_blocks = tuple(sorted({*self.rank_blocks, *self.chunk_input_blocks}))
+        self.chunk_singular_values: list[Tensor] = []  # per scale, (B, chunks, min(M, d)) of the centred inputs
         self.start_image: Tensor | None = None  # the empty latent decoded: the image before scale 0
         self.partial_images: list[Tensor] = []  # per scale, uint8 (B, H, W, 3)
         self.singular_values: list[dict[str, Tensor]] = []  # per scale, {source: (B, min(M, d))}
@@ -87,8 +95,11 @@ class ScaleTrace:
         self.partial_images.append(to_uint8(self.vae.decode(record.latent)))
         batch = record.latent.shape[0]  # under CFG rows [0, batch) are the conditional ones
         features = {INPUTS: record.inputs[:batch]}
-        features |= {f"block{b}": record.block_hidden[b][:batch] for b in self.capture_blocks}
+        features |= {f"block{b}": record.block_hidden[b][:batch] for b in self.rank_blocks}
         self.singular_values.append({source: singular_values(f).cpu() for source, f in features.items()})
+        chunk_inputs = [record.inputs[:batch]] + [record.block_hidden[b][:batch] for b in self.chunk_input_blocks]
+        centred = [x.float() - x.float().mean(1, keepdim=True) for x in chunk_inputs]  # the level embedding cancels
+        self.chunk_singular_values.append(torch.stack([singular_values(x) for x in centred], dim=1).cpu())
         self.grids.append(record.grid)
 
 
@@ -107,6 +118,12 @@ class RunningMeans:
     def mean(self, key: str) -> list[float]:
         return (self.sums[key] / self.counts[key]).tolist()
 
+    def add_means(self, other: RunningMeans) -> None:
+        """Take in another's sums (a batch measured by another process), as if its vectors had been added here."""
+        for key, total in other.sums.items():
+            self.sums[key] = self.sums[key] + total if key in self.sums else total
+            self.counts[key] = self.counts.get(key, 0) + other.counts[key]
+
 
 def measure(
     trace: ScaleTrace, prompts: Sequence[dict], metrics: dict[str, Metric], config: ProbeConfig, spectra: RunningMeans
@@ -116,7 +133,8 @@ def measure(
     previous_images = trace.start_image
     labels = band_labels(config.band_edges)
     rows = [[] for _ in prompts]
-    for scale, (images, grid, values) in enumerate(zip(trace.partial_images, trace.grids, trace.singular_values)):
+    scales = zip(trace.partial_images, trace.grids, trace.singular_values, trace.chunk_singular_values)
+    for scale, (images, grid, values, chunk_values) in enumerate(scales):
         tokens = grid[0] * grid[1]
         columns = {
             name: metric(images, final_images if metric.compares_with == "image" else prompts)
@@ -130,6 +148,9 @@ def measure(
                 columns[rank_key(source, energy)] = ranks[:, i]
                 columns[rank_key(source, energy, fraction=True)] = ranks[:, i] / tokens
             spectra.add(f"cumulative_energy/{source}/{scale}", cumulative_energy(source_values))
+        chunk_ranks = [energy_ranks(chunk_values[:, c], config.chunk_rank_energies) for c in range(chunk_values.shape[1])]
+        for i, energy in enumerate(config.chunk_rank_energies):  # (B, chunks): rank / min(M, d), as the presets
+            columns[chunk_rank_key(energy)] = torch.stack([ranks[:, i] for ranks in chunk_ranks], 1) / chunk_values.shape[-1]
         spectra.add(f"power_spectrum/{scale}", radial_power_spectrum(images))
         for i, prompt in enumerate(prompts):
             row = {"index": prompt["index"], "prompt": prompt["prompt"], "scale": scale, "grid": list(grid),
@@ -139,14 +160,19 @@ def measure(
     return [row for prompt_rows in rows for row in prompt_rows]
 
 
-def _plain(value: Tensor) -> float | int | None:
-    """A row value for JSON: NaN (a metric that does not apply to the prompt) becomes None."""
+def _plain(value: Tensor) -> float | int | list | None:
+    """A row value for JSON: NaN (a metric that does not apply to the prompt) becomes None; a vector, a list."""
+    if value.dim() > 0:
+        return value.tolist()
     number = value.item()
     return None if isinstance(number, float) and np.isnan(number) else number
 
 
-def rank_summary(rows: Sequence[dict], choice: RankChoice, schedule: Sequence[Grid]) -> dict:
-    """The per-scale ranks r_k for stages.json: `choice.aggregate` over prompts of the rank at `choice.energy`."""
+def rank_summary(
+    rows: Sequence[dict], choice: RankChoice, schedule: Sequence[Grid], chunk_rank_energies: Sequence[float]
+) -> dict:
+    """The per-scale ranks r_k for stages.json (`choice.aggregate` over prompts of the rank at `choice.energy`),
+    and the per-chunk rank ratios for the released StageVAR: their mean over prompts, per alpha and scale."""
     key = rank_key(choice.source, choice.energy)
     if not rows or key not in rows[0]:
         raise UserError(f"stages.ranks: no rank was measured for source {choice.source!r} at energy {choice.energy}")
@@ -159,4 +185,14 @@ def rank_summary(rows: Sequence[dict], choice: RankChoice, schedule: Sequence[Gr
         "per_scale": per_scale,
         "fraction": [rank / (h * w) for rank, (h, w) in zip(per_scale, schedule)],
         "aggregate": choice.aggregate,
+        "chunk_ranks": {
+            "measure": "rank of the centred block-chunk input at energy alpha over min(M, d), mean over prompts",
+            "ratio": {
+                format(energy, "g"): {
+                    str(k): np.mean([row[chunk_rank_key(energy)] for row in rows if row["scale"] == k], axis=0).tolist()
+                    for k in range(len(schedule))
+                }
+                for energy in chunk_rank_energies
+            },
+        },
     }

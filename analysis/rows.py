@@ -18,6 +18,11 @@ def rank_key(source: str, energy: float, fraction: bool = False) -> str:
     return f"{'rank_fraction' if fraction else 'rank'}/{source}@{energy:g}"
 
 
+def chunk_rank_key(energy: float) -> str:
+    """The row key of the per-chunk rank ratios (a list, one per block chunk) at one energy."""
+    return f"chunk_rank_ratio@{energy:g}"
+
+
 def band_key(label: str) -> str:
     return f"band_change/{label}"
 

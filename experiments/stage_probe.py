@@ -84,7 +84,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     batches = range(0, len(prompts), probe.batch_size)
     for batch_index, start in enumerate(tqdm(batches, desc=f"stage probe ({probe.batch_size} per batch)")):
         batch = prompts[start : start + probe.batch_size]
-        trace = ScaleTrace(model.vae, blocks)
+        trace = ScaleTrace(model.vae, blocks, chunk_starts=[chunk[0].index for chunk in model.transformer.chunks])
         texts = [p["prompt"] for p in batch]
         generate(model, texts, sampling, seed=cfg.seed + batch_index, observers=[trace], decode=False)
         for row in measure(trace, batch, metrics, probe, spectra):
@@ -97,7 +97,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     semantic = {name: curve for name, curve in curves.items() if metrics[name].kind == "semantic"}
     structural = {name: curve for name, curve in curves.items() if metrics[name].kind == "structural"}
     boundaries = detect_stages(semantic, structural, rule)
-    ranks = rank_summary(rows, rank_choice, schedule)
+    ranks = rank_summary(rows, rank_choice, schedule, probe.chunk_rank_energies)
     stages = write_stages(
         recorder.run_dir / "stages.json", model=cfg.model.name, schedule=schedule, boundaries=boundaries,
         ranks=ranks, rule=rule, semantic_curves=semantic, structural_curves=structural,

@@ -3,6 +3,7 @@ sampler run (a small random model of the real classes)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ from accel.sampler import SamplingConfig, generate
 from analysis.metrics import GMSD, SSIM, ShapesEvalPass
 from analysis.probe import ProbeConfig, RankChoice, RunningMeans, ScaleTrace, measure, rank_summary
 from analysis.ranks import aggregate_rank, energy_ranks, singular_values
-from analysis.rows import band_key, rank_key
+from analysis.rows import band_key, chunk_rank_key, rank_key
 from analysis.spectra import band_change, band_labels, radial_power_spectrum
 from errors import UserError
 
@@ -102,9 +103,9 @@ def test_the_trace_decodes_every_scale_at_full_resolution_and_ends_at_the_final_
 
 
 def test_measure_gives_one_row_per_prompt_and_scale_with_every_measurement(model_64px):
-    trace = ScaleTrace(model_64px.vae, rank_blocks=[0])
+    trace = ScaleTrace(model_64px.vae, rank_blocks=[0], chunk_starts=[0, 1])  # as if 2 chunks of 1 block
     generate(model_64px, [p["prompt"] for p in PROMPTS], SAMPLING, seed=5, observers=[trace], decode=False)
-    config = ProbeConfig(rank_energies=[0.9, 0.99], rank_blocks=[0], band_edges=[0.3])
+    config = ProbeConfig(rank_energies=[0.9, 0.99], rank_blocks=[0], band_edges=[0.3], chunk_rank_energies=[0.5, 0.96])
     spectra = RunningMeans()
     rows = measure(trace, PROMPTS, {"ssim": SSIM(), "gmsd": GMSD(), "shapes_eval": ShapesEvalPass()}, config, spectra)
 
@@ -117,13 +118,18 @@ def test_measure_gives_one_row_per_prompt_and_scale_with_every_measurement(model
         for source in ("inputs", "block0"):
             assert 1 <= row[rank_key(source, 0.9)] <= row[rank_key(source, 0.99)] <= min(row["tokens"], 64)
             assert row[rank_key(source, 0.99, fraction=True)] == row[rank_key(source, 0.99)] / row["tokens"]
+        low, high = row[chunk_rank_key(0.5)], row[chunk_rank_key(0.96)]  # per chunk: rank / min(M, d)
+        assert len(low) == len(high) == 2 and all(0 < a <= b <= 1 for a, b in zip(low, high))
     assert len(spectra.mean("power_spectrum/4")) == 33 and len(spectra.mean("cumulative_energy/block0/4")) == 64
 
-    summary = rank_summary(rows, RankChoice(source="block0", energy=0.99, aggregate="p90"), model_64px.schedule)
+    summary = rank_summary(rows, RankChoice(source="block0", energy=0.99, aggregate="p90"), model_64px.schedule, [0.5, 0.96])
     assert summary["per_scale"][0] == 1 and len(summary["per_scale"]) == 5
     assert summary["fraction"][-1] == summary["per_scale"][-1] / 256
+    at_96 = summary["chunk_ranks"]["ratio"]["0.96"]
+    assert sorted(at_96) == ["0", "1", "2", "3", "4"] and len(at_96["4"]) == 2
+    assert at_96["4"][0] == pytest.approx(np.mean([row[chunk_rank_key(0.96)][0] for row in last]))
     with pytest.raises(UserError, match="no rank was measured for source 'block1'"):
-        rank_summary(rows, RankChoice(source="block1"), model_64px.schedule)
+        rank_summary(rows, RankChoice(source="block1"), model_64px.schedule, [0.96])
 
 
 def test_rank_blocks_count_from_the_end_and_must_exist():

@@ -9,6 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from nbclient import NotebookClient
 
+from omegaconf import OmegaConf
+
+from accel.policies import ModelSpec, build_policy
 from analysis.plots import load_probe_run
 from analysis.ranks import aggregate_rank
 from analysis.rows import rank_key, scale_means
@@ -70,6 +73,19 @@ def test_the_run_folder_holds_rows_stages_and_figures(run_dir: Path):
     ])
     strip = load_probe_run(run_dir).strip
     assert len(strip) == 2 and all(len(images) == NUM_SCALES for images in strip.values())  # across both batches
+
+
+def test_the_released_stagevar_takes_its_per_chunk_ranks_from_the_probe(run_dir: Path):
+    model = small_model(CONFIG_64PX)
+    accel = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "accel" / "stagevar_released.yaml"),
+                            {"ranks": "probe", "stages_file": str(run_dir / "stages.json")})
+    released = build_policy(accel, ModelSpec("tiny", list(model.schedule), 2, 1))
+    ratios = json.loads((run_dir / "stages.json").read_text())["ranks"]["chunk_ranks"]["ratio"]["0.96"]
+    k = NUM_SCALES - 3  # the scale the released policy reduces (the last 2 are skipped)
+    h, w = model.schedule[k]
+    assert released.ranks == {k: [int(ratio * h * w) + 1 for ratio in ratios[str(k)]]}
+    with pytest.raises(UserError, match=r"per-chunk ranks at \['0.9', '0.95', '0.96', '0.99'\], not at accel.alpha=0.5"):
+        build_policy(OmegaConf.merge(accel, {"alpha": 0.5}), ModelSpec("tiny", list(model.schedule), 2, 1))
 
 
 def test_boundaries_follow_the_rule_on_the_curves_of_the_rows(run_dir: Path):
