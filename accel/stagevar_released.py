@@ -91,12 +91,7 @@ class ReleasedStageVARPolicy:
         else:
             ratios = {k: preset_ratios(alpha, k - num_scales, num_chunks) for k in reduced}
             if spec.schedule[-3:] != list(RELEASED_SCHEDULE_END) or num_chunks != 8:
-                log.warning(
-                    "stagevar_released: the rank presets were measured on Infinity-2B at 1024 x 1024 (8 chunks; scales "
-                    "40, 48, 64 at the end); %s (%d chunks, ends %s) takes them by position from the end%s",
-                    spec.name, num_chunks, spec.schedule[-3:],
-                    "" if num_chunks == 8 else " and by share of the depth",
-                )
+                _warn_mapped_presets(spec.name, num_chunks, tuple(spec.schedule[-3:]))
         self.ranks = {k: [int(ratio * size(spec.schedule[k])) + 1 for ratio in ratios[k]] for k in reduced}
         self._generator: torch.Generator | None = None
 
@@ -158,6 +153,15 @@ class ChunkRepresentatives:
         if previous is None or previous_grid is None:
             raise ValueError("the released restoration needs the previous scale's output of the same chunk")
         return scatter_tokens(resize_tokens(previous, previous_grid, grid, self.restore_mode), reduced.positions, hidden)
+
+
+@functools.cache  # once per model and process: every policy built for it would say the same
+def _warn_mapped_presets(model: str, num_chunks: int, last_scales: tuple[Grid, ...]) -> None:
+    log.warning(
+        "stagevar_released: the rank presets were measured on Infinity-2B at 1024 x 1024 (8 chunks; scales 40, 48, 64 "
+        "at the end); %s (%d chunks, ends %s) takes them by position from the end%s", model, num_chunks,
+        list(last_scales), "" if num_chunks == 8 else " and by share of the depth",
+    )
 
 
 def size(grid: Grid) -> int:

@@ -196,3 +196,17 @@ def test_aggregating_an_empty_sweep_says_how_to_run_it(tmp_path: Path):
     with pytest.raises(SystemExit) as exit_info:
         run_py("experiment=rank_sweep", f"paths.output_root={tmp_path}", "rank_sweep.aggregate=true", "logger=none")
     assert exit_info.value.code == 2
+
+
+def test_accel_decompose_times_every_component_and_draws_where_the_speedup_comes_from(checkpoint: Path, tmp_path: Path):
+    run_py("experiment=accel_decompose", *quick_overrides(checkpoint, tmp_path), "accel_decompose.fid=false",
+           "accel_decompose.methods=[{label: skip2, accel: stagevar_released, overrides: {cfg_drop_last: 0, reduce_last: 0}},"
+           " {label: released, accel: stagevar_released}]", "accel_decompose.chain=[skip2, released]")
+    (run_dir,) = (tmp_path / "accel_decompose").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [row["method"] for row in summary["methods"]] == ["baseline", "skip2", "released"]
+    by_method = {row["method"]: row for row in summary["infinity_2b_macs"]}
+    assert by_method["skip2"]["mac_speedup"] == pytest.approx(3.14, abs=0.01)  # the release's skip alone, on 2B
+    assert by_method["released"]["mac_speedup"] > by_method["skip2"]["mac_speedup"]
+    assert (run_dir / "figures" / "speedup_sources.png").is_file()
+    assert (run_dir / "tables" / "infinity_2b_macs.csv").is_file()
