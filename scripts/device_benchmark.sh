@@ -13,14 +13,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-outputs/device_benchmark}"
-mkdir -p "$out"
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-exec > >(tee "$out/log.txt") 2>&1
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no GPU: running on the CPU"
+source scripts/gpu_setup.sh
 
 run="$out/run"
 python3 run.py experiment=device_benchmark logger=none "hydra.run.dir=$run" "$@"

@@ -14,14 +14,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-outputs/gpu_train}"
 runs="$out/runs"
-mkdir -p "$out"
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-exec > >(tee "$out/log.txt") 2>&1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU: running on the CPU"
+source scripts/gpu_setup.sh
 
 common=(logger=none "model.checkpoint_dir=$(realpath "$out")/tiny")
 python3 run.py experiment=train_tiny_gpu logger=none "train.export_dir=$(realpath "$out")/tiny" \
