@@ -1,7 +1,9 @@
 """The prompts of a run, from the `prompts` config group (conf/prompts/*.yaml).
 
-Every prompt is a dict with at least "prompt" and "index" (its position in the source, kept when
-`limit` cuts the list). GenEval and ShapesEval items also carry their metadata (tag, objects...).
+Every prompt is a dict with at least "prompt" (the text the model reads) and "index" (its position in the source,
+kept when `limit` cuts the list). GenEval and ShapesEval items also carry their metadata (tag, objects...); a
+GenEval prompt read through `prompts.rewrite_map` keeps the benchmark's own text in "original_prompt".
+`prompt_samples` makes `samples_per_prompt` samples of each prompt: what generate and the accel experiments draw.
 """
 
 from collections import deque
@@ -10,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from errors import UserError
-from evals.prompt_files import read_dpg_prompts, read_geneval_metadata
+from evals.prompt_files import read_dpg_prompts, read_geneval_metadata, read_prompt_map
 from evals.shapes_eval import load_suite
 
 
@@ -22,6 +24,8 @@ def load_prompts(prompts_cfg: DictConfig) -> list[dict]:
         items = load_suite(_existing_path(prompts_cfg, "ShapesEval suite file") if custom_suite else None)
     elif source == "geneval":
         items = read_geneval_metadata(_existing_path(prompts_cfg, "evaluation_metadata.jsonl"))
+        if prompts_cfg.get("rewrite_map") is not None:
+            items = rewritten(items, prompts_cfg.rewrite_map)
     elif source == "dpg":
         items = read_dpg_prompts(_existing_path(prompts_cfg, "DPG-Bench prompts folder"))
     elif source == "list":
@@ -41,6 +45,23 @@ def load_prompts(prompts_cfg: DictConfig) -> list[dict]:
     if not isinstance(limit, int) or limit < 1:
         raise UserError(f"prompts.limit={limit!r} must be a positive whole number, or null for all prompts")
     return round_robin(items, limit)
+
+
+def rewritten(items: list[dict], map_path: str) -> list[dict]:
+    """GenEval items whose prompt the map rewrites (the text the model reads); the original stays beside it."""
+    if not Path(map_path).is_file():
+        raise UserError(f"prompts.rewrite_map={map_path!r} does not exist: point it at a JSON object that maps each "
+                        "GenEval prompt to the text the model reads (e.g. StageVAR's prompt_rewrite_cache.json)")
+    rewrites = read_prompt_map(map_path)
+    if missing := [item["prompt"] for item in items if item["prompt"] not in rewrites]:
+        raise UserError(f"prompts.rewrite_map={map_path!r} has no rewrite of {len(missing)} prompt(s), e.g. "
+                        f"{missing[0]!r}: add them, or leave prompts.rewrite_map=null for GenEval's own prompts")
+    return [{**item, "prompt": rewrites[item["prompt"]], "original_prompt": item["prompt"]} for item in items]
+
+
+def prompt_samples(prompts: list[dict], samples_per_prompt: int) -> list[dict]:
+    """Each prompt `samples_per_prompt` times in a row, numbered by "sample": the images a run draws, in order."""
+    return [{**prompt, "sample": sample} for prompt in prompts for sample in range(samples_per_prompt)]
 
 
 def round_robin(items: list[dict], limit: int) -> list[dict]:

@@ -11,12 +11,19 @@
    Peak memory: CUDA's peak allocated tensor memory; on the CPU the process's peak resident set size, which
    also counts memory the allocator keeps after a free, so it never understates. Both include the model.
 2. MACs: accel/macs.py counts the transformer blocks and head for the timed batch (analytic, not measured).
-3. Quality: the baseline generates every prompt once (seed + batch index per batch, as experiments/generate.py),
-   then each method with the same seeds. Per image, the metrics of conf/metrics that compare with an image are
-   taken against the baseline image of the same prompt and seed, those that compare with the prompt (CLIP
-   score) against the prompt; per set, ShapesEval (prompts=shapes_eval; its delta to the baseline with the
-   standard error of the paired per-image difference) and FID against the baseline set.
-   A metric whose weights are missing is left out loudly and listed under `unavailable_metrics`.
+3. Quality: the baseline generates prompts.samples_per_prompt images of every prompt (seed + batch index per
+   batch, as experiments/generate.py), then each method with the same seeds, into images/<method>/. Per image, the
+   metrics of conf/metrics that compare with an image are taken against the baseline image of the same prompt,
+   sample and seed, those that compare with the prompt (CLIP score) against the prompt; per set, ShapesEval
+   (prompts=shapes_eval; its delta to the baseline with the standard error of the paired per-image difference)
+   and FID against the baseline set. A metric whose weights are missing is left out loudly and listed under
+   `unavailable_metrics`. On GenEval or DPG-Bench prompts each method's images are also written in the layout of
+   the benchmark's official scorer, <benchmark>/<method>/ (experiments/import_scores.py brings the scores back).
+
+Under torchrun (experiments/distributed.py) rank 0 alone times the methods while the other processes wait, so
+the latencies are one process's; then every process makes its share of every method's images, and rank 0 scores
+them all. resume=<run folder> keeps the images an interrupted run finished (experiments/image_batches.py); the
+timing is measured again.
 
 The summary holds one row per method (`methods`); the run folder gets the table, a Pareto figure (speedup
 against quality) and a sample grid.
@@ -48,11 +55,12 @@ from accel.sampler import Policy, SamplingConfig, generate
 from analysis.fid import InceptionFeatures, MetricUnavailable, frechet_distance
 from analysis.metrics import Metric, PromptMetric, build_metrics, missing_files
 from errors import UserError
-from evals.prompt_files import export_geneval_layout
+from evals.prompt_files import BENCHMARK_LAYOUTS, export_benchmark_layout
 from evals.prompts import load_prompts
 from evals.shapes_eval import evaluate
 from experiments.config_checks import check_model, check_prompts, flag, whole
-from experiments.generate import sampling_config
+from experiments.generate import check_benchmark_layout, sampling_config
+from experiments.image_batches import ImageSet, make_images
 from experiments.recorder import RunRecorder
 from experiments.world_preview import caption_grid
 from models.pipeline import TextToImageModel, build_model
@@ -194,15 +202,15 @@ def _max_or_none(values: list[float | None]) -> float | None:
 class ScoredSet:
     images: list[np.ndarray]
     scores: dict  # shapes_eval (+ per category and delta), <metric> means, fid
-    per_image: list[dict]  # index, prompt, seed, passed, <metric> values
+    per_image: list[dict]  # index, sample, prompt, seed, passed, <metric> values
     features: np.ndarray | None  # Inception features, for FID
 
 
 @dataclass
 class QualityProtocol:
-    prompts: list[dict]
-    seeds: list[int]  # per prompt, as generate_set uses them
-    image_metrics: dict[str, Metric]  # against the baseline image of the same prompt and seed
+    samples: list[dict]  # the prompt samples (evals.prompts.prompt_samples)
+    seeds: list[int]  # per sample, as make_images uses them
+    image_metrics: dict[str, Metric]  # against the baseline image of the same prompt, sample and seed
     prompt_metrics: dict[str, PromptMetric]  # against the prompt
     inception: InceptionFeatures | None  # FID against the baseline set
     shapes_eval: bool
@@ -210,11 +218,12 @@ class QualityProtocol:
 
     def score(self, images: list[np.ndarray], baseline: ScoredSet | None) -> ScoredSet:
         """Score a set against the baseline set; None: this is the baseline set, compared with itself."""
-        per_image = [{"index": p["index"], "prompt": p["prompt"], "seed": s} for p, s in zip(self.prompts, self.seeds)]
+        per_image = [{"index": sample["index"], "sample": sample["sample"], "prompt": sample["prompt"], "seed": seed}
+                     for sample, seed in zip(self.samples, self.seeds)]
         features = self.inception(images) if self.inception is not None else None
         scores: dict = {}
         if self.shapes_eval:
-            shapes = evaluate(images, self.prompts)
+            shapes = evaluate(images, self.samples)
             scores["shapes_eval"], scores["shapes_eval_per_category"] = shapes["overall"], shapes["per_category"]
             baseline_passed = shapes["correct"] if baseline is None else [row["passed"] for row in baseline.per_image]
             scores["shapes_eval_delta"], scores["shapes_eval_delta_se"] = paired_delta(shapes["correct"], baseline_passed)
@@ -222,7 +231,7 @@ class QualityProtocol:
                 row["passed"] = passed
         baseline_images = images if baseline is None else baseline.images
         for name, metric in {**self.prompt_metrics, **self.image_metrics}.items():
-            against = self.prompts if name in self.prompt_metrics else baseline_images
+            against = self.samples if name in self.prompt_metrics else baseline_images
             chunks = range(0, len(images), SCORE_CHUNK)
             values = torch.cat([metric(images[i : i + SCORE_CHUNK], against[i : i + SCORE_CHUNK]) for i in chunks])
             scores[name] = float(values.nanmean())
@@ -255,7 +264,7 @@ def paired_delta(passed: Sequence[bool], baseline_passed: Sequence[bool]) -> tup
     return float(differences.mean()), float(differences.std(ddof=1) / np.sqrt(len(differences)))
 
 
-def quality_protocol(cfg: DictConfig, prompts: list[dict], seeds: list[int], with_fid: bool) -> QualityProtocol:
+def quality_protocol(cfg: DictConfig, samples: list[dict], seeds: list[int], with_fid: bool) -> QualityProtocol:
     """The metrics of cfg.metrics.names that can run here, ShapesEval on its suite, and FID when asked for."""
     device = torch.device(cfg.device)
     unavailable: dict[str, str] = {}
@@ -264,11 +273,11 @@ def quality_protocol(cfg: DictConfig, prompts: list[dict], seeds: list[int], wit
         if missing := missing_files({name: metric}):
             unavailable[name] = "missing weights: " + "; ".join(missing)
             del metrics[name]
-        elif isinstance(metric, PromptMetric) and not all(metric.applies_to(p) for p in prompts):
+        elif isinstance(metric, PromptMetric) and not all(metric.applies_to(sample) for sample in samples):
             unavailable[name] = f"does not apply to prompts={cfg.prompts.name}"
             del metrics[name]
     inception = None
-    if with_fid and len(prompts) < 2:
+    if with_fid and len(samples) < 2:
         unavailable["fid"] = "needs at least 2 images per set"
     elif with_fid:
         try:
@@ -278,7 +287,7 @@ def quality_protocol(cfg: DictConfig, prompts: list[dict], seeds: list[int], wit
     for name, reason in unavailable.items():
         log.warning("METRIC LEFT OUT: %s (%s)", name, reason)
     return QualityProtocol(
-        prompts, seeds,
+        samples, seeds,
         image_metrics={n: m for n, m in metrics.items() if not isinstance(m, PromptMetric)},
         prompt_metrics={n: m for n, m in metrics.items() if isinstance(m, PromptMetric)},
         inception=inception, shapes_eval=cfg.prompts.name == "shapes_eval", unavailable=unavailable,
@@ -308,6 +317,7 @@ def check_comparison(cfg: DictConfig, methods: list[Method], settings_key: str) 
     """Every setting of a comparison before any compute: model, prompts, the `settings_key` block, each policy."""
     check_model(cfg)
     check_prompts(cfg)
+    check_benchmark_layout(cfg)
     options = ComparisonSettings.from_block(cfg[settings_key])
     whole(f"{settings_key}.repeats", options.repeats, minimum=MIN_REPEATS,
           why=" (timed rounds: with fewer, one slow call moves the median)")
@@ -327,23 +337,39 @@ def compare_methods(cfg: DictConfig, recorder: RunRecorder, methods: list[Method
     """
     options = ComparisonSettings.from_block(cfg[settings_key])
     prompts = load_prompts(cfg.prompts)
+    image_set = ImageSet.of(cfg, prompts)
     model = build_model(cfg.model, cfg.device)
     sampling = sampling_config(cfg.model)
     everyone = [Method(BASELINE, accel_option("none")), *methods]
     policies = {method.label: build_policy(method.accel, model) for method in everyone}
-    protocol = None  # quality, unless the weights are random
-    if cfg.model.get("random_init", False):
+    processes = recorder.processes
+    with_quality = not cfg.model.get("random_init", False)
+    protocol = None  # rank 0 scores
+    if not with_quality:
         log.warning("RANDOM WEIGHTS (model.random_init=true): speed only, as quality would measure noise")
-    else:
-        seeds = prompt_seeds(cfg.seed, len(prompts), cfg.model.batch_size)
-        protocol = quality_protocol(cfg, prompts, seeds, options.fid)
+    elif processes.is_main:
+        protocol = quality_protocol(cfg, image_set.samples, image_set.seeds(), options.fid)
         if options.pareto_quality not in protocol.score_names:  # fail before any compute
             raise UserError(f"{settings_key}.pareto_quality={options.pareto_quality!r} is not measured here; "
                             f"choose one of {protocol.score_names}")
     log.info("%s on %s: %s against the baseline", cfg.task, cfg.model.name, ", ".join(m.label for m in methods))
 
-    timed_prompts = [p["prompt"] for p in prompts[: cfg.model.batch_size]]
-    rows = measure_speed(model, policies, timed_prompts, sampling, cfg.seed, options, recorder)
+    timed_prompts = [sample["prompt"] for sample in image_set.batches()[0].samples]
+    rows: list[dict] = []  # rank 0's: one per method
+    if processes.is_main:
+        if processes.several:
+            log.warning("TIMING ON RANK 0 ALONE: the other %d processes wait while it times the methods, so the "
+                        "latencies are one process's, as in a one-process run", processes.world_size - 1)
+        rows = measure_speed(model, policies, timed_prompts, sampling, cfg.seed, options, recorder)
+    processes.sync()
+    if with_quality:
+        processes.warn_if_idle(len(image_set.batches()))
+        for label, policy in policies.items():
+            make_images(recorder, model, image_set, sampling, f"images/{label}",
+                        row_fields={"kind": "image", "method": label}, policy=policy)
+    if not processes.finish_share():
+        return {}
+
     for row, method in zip(rows, everyone):
         row["accel"] = OmegaConf.to_container(method.accel, resolve=True)
     title = f"{cfg.task}: {cfg.model.name}, batch {len(timed_prompts)} on {model.device}"
@@ -352,6 +378,7 @@ def compare_methods(cfg: DictConfig, recorder: RunRecorder, methods: list[Method
         "device": str(model.device),
         "image_size": list(model.image_size),
         "num_prompts": len(prompts),
+        "samples_per_prompt": image_set.samples_per_prompt,
         "timing": {
             "batch_size": len(timed_prompts), "repeats": options.repeats, "warmup": options.warmup,
             "latency": "median seconds per batch, end to end", "memory": memory_measure(model.device),
@@ -360,9 +387,17 @@ def compare_methods(cfg: DictConfig, recorder: RunRecorder, methods: list[Method
         "scores": [],
     }
     if protocol is None:
+        recorder.write_rows([])
         summary["quality"] = "not measured: random weights"
     else:
-        measure_quality(cfg, recorder, model, protocol, sampling, policies, rows, options.samples_shown)
+        image_rows = measure_quality(cfg, recorder, protocol, image_set, prompts, list(policies), rows,
+                                     options.samples_shown)
+        recorder.write_rows(image_rows)
+        if cfg.prompts.name in BENCHMARK_LAYOUTS:
+            folder = recorder.run_dir / cfg.prompts.name
+            summary["exports"] = {cfg.prompts.name: {label: str(folder / label) for label in policies}}
+            log.info("%s layout written to %s/<method>: score each with the official scorer, then bring the scores "
+                     "back with experiment=import_scores", cfg.prompts.name, folder)
         quality, higher_is_better = options.pareto_quality, protocol.higher_is_better(options.pareto_quality)
         points = [ParetoPoint(row["method"], row["speedup"], row[quality]) for row in rows]
         recorder.save_figure(pareto_figure(points, quality, higher_is_better, title), "pareto")
@@ -423,44 +458,26 @@ def speed_row(label: str, timing: Timing, baseline: Timing, method_macs: float, 
 
 
 def measure_quality(
-    cfg: DictConfig, recorder: RunRecorder, model: TextToImageModel, protocol: QualityProtocol,
-    sampling: SamplingConfig, policies: dict[str, Policy], rows: list[dict], samples_shown: int,
-) -> None:
-    """Generate and score every method's set (the baseline first); adds the scores to `rows`."""
-    prompts = protocol.prompts
+    cfg: DictConfig, recorder: RunRecorder, protocol: QualityProtocol, image_set: ImageSet, prompts: list[dict],
+    labels: list[str], rows: list[dict], samples_shown: int,
+) -> list[dict]:
+    """Score every method's images (the baseline first) from the run folder; adds the scores to `rows` and returns
+    the per-image rows. On a benchmark's prompts, the images also go out in its scorer's layout."""
     baseline: ScoredSet | None = None
-    shown, captions = [], []
-    for row, (label, policy) in zip(rows, policies.items()):
-        images = generate_set(model, prompts, sampling, cfg.model.batch_size, cfg.seed, policy, desc=f"{label} images")
+    image_rows, shown, captions = [], [], []
+    for row, label in zip(rows, labels):
+        images = image_set.load(recorder.run_dir / "images" / label)
         scored = protocol.score(images, baseline)
         baseline = baseline or scored
         row.update(scored.scores)
-        for image_row in scored.per_image:
-            recorder.log({"kind": "image", "method": label, **image_row})
-        if cfg.prompts.name == "geneval":
-            export_geneval_layout(recorder.run_dir / "geneval" / label, prompts, [[image] for image in images])
+        image_rows += [{"kind": "image", "method": label, **image_row} for image_row in scored.per_image]
+        if cfg.prompts.name in BENCHMARK_LAYOUTS:
+            export_benchmark_layout(cfg.prompts.name, recorder.run_dir / cfg.prompts.name / label, prompts, images,
+                                    image_set.samples_per_prompt)
         shown += images[:samples_shown]
         captions += [label] * min(samples_shown, len(images))
-    recorder.save_figure(caption_grid(shown, captions, columns=min(samples_shown, len(prompts))), "samples")
-
-
-def prompt_seeds(seed: int, num_prompts: int, batch_size: int) -> list[int]:
-    """The seed each prompt is generated with: seed + batch index (as experiments/generate.py)."""
-    return [seed + position // batch_size for position in range(num_prompts)]
-
-
-def generate_set(
-    model: TextToImageModel, prompts: list[dict], sampling: SamplingConfig, batch_size: int, seed: int,
-    policy: Policy, desc: str,
-) -> list[np.ndarray]:
-    """One image per prompt, batch by batch, with the prompt_seeds of the batch."""
-    seeds = prompt_seeds(seed, len(prompts), batch_size)
-    images = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc):
-        batch = [p["prompt"] for p in prompts[start : start + batch_size]]
-        result = generate(model, batch, sampling, seed=seeds[start], policy=policy)
-        images.extend(image.numpy() for image in result.images)
-    return images
+    recorder.save_figure(caption_grid(shown, captions, columns=min(samples_shown, len(images))), "samples")
+    return image_rows
 
 
 SPEED_COLUMNS = ["latency (s)", "latency min-max", "speedup", "speedup min-max", "verdict", "MAC speedup",

@@ -9,6 +9,9 @@ from omegaconf import DictConfig
 from experiments.accel_common import check_comparison, compare_methods, methods_from
 from experiments.recorder import RunRecorder
 
+SHARDED = True  # every process of a torchrun run makes its share of every method's images; rank 0 times alone
+RESUMABLE = True  # resume=<run folder> keeps the images an interrupted run finished
+
 
 def check(cfg: DictConfig) -> None:
     check_comparison(cfg, methods_from(cfg.accel_compare.methods), "accel_compare")

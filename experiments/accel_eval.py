@@ -11,6 +11,9 @@ from errors import UserError
 from experiments.accel_common import Method, check_comparison, compare_methods
 from experiments.recorder import RunRecorder
 
+SHARDED = True  # every process of a torchrun run makes its share of every method's images; rank 0 times alone
+RESUMABLE = True  # resume=<run folder> keeps the images an interrupted run finished
+
 
 def check(cfg: DictConfig) -> None:
     if cfg.accel.name == "none":

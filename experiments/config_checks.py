@@ -3,9 +3,12 @@ before any model is built and, for a single run, before its run folder exists.
 
 `CheckConfig` is a Hydra callback (registered in conf/hydra/default.yaml):
 - a single run is checked in `on_run_start`, before Hydra makes the run folder;
-- a sweep (-m) checks its output root in `on_multirun_start` and each job in `on_job_start`; a job that fails
-  its check has its fresh folder removed, so no half-written run folder is left behind.
+- a sweep (-m) checks its output root and launcher in `on_multirun_start` and each job in `on_job_start`; a job
+  that fails its check has its fresh folder removed, so no half-written run folder is left behind.
 A failed check prints one paragraph (`error: <key>=<value> ...: what is valid, what to do`) and exits with 2.
+Under several processes (torchrun) every process checks, and rank 0 prints the first failure, once.
+A run that continues a folder (resume=<run folder>, a relaunched sweep job) must have the settings it was started
+with: `check_continued_folder`.
 
 The checks every run shares are here; an experiment module adds its own keys with `check(cfg)`, using the helpers
 below (check_model, check_prompts, ...), so each key is checked where it is used.
@@ -30,9 +33,11 @@ from urllib.parse import urlparse
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
 
 from errors import UserError
+from experiments.distributed import Failure, RankFailed, launched_processes
 
 WANDB_MODES = ("offline", "online", "disabled")
 HYDRA_FILES = {".hydra", "run.log"}  # what Hydra writes into a job folder before the job runs
@@ -45,34 +50,65 @@ class CheckConfig(Callback):
         _exit_on_error(check_run, config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _exit_on_error(check_output_root, config)
+        _exit_on_error(check_sweep, config)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             return  # a single run was checked before its folder existed
         job_dir = Path(HydraConfig.get().runtime.output_dir)
-        _exit_on_error(check_run, config, remove_if_fresh=job_dir)
+        _exit_on_error(lambda cfg: check_run(cfg, job_dir), config, remove_if_fresh=job_dir)
 
 
 def _exit_on_error(check: Callable[[DictConfig], None], cfg: DictConfig, remove_if_fresh: Path | None = None) -> None:
+    processes = launched_processes()
+    failure = None
     try:
         check(cfg)
     except UserError as error:
+        failure = Failure.of(error, processes.rank)
+    try:
+        processes.sync(failure)  # every process has checked; all stop when one failed
+    except RankFailed as failed:
+        failure = failed.failure
+    if failure is None:
+        return
+    if processes.is_main:
         if remove_if_fresh is not None and {path.name for path in remove_if_fresh.iterdir()} <= HYDRA_FILES:
             shutil.rmtree(remove_if_fresh)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        print(failure.report, file=sys.stderr)
+    processes.reported()
+    sys.exit(2)
 
 
-def check_run(cfg: DictConfig) -> None:
-    """Every check of one run: the shared keys, then the experiment's own `check(cfg)` where it has one."""
+def check_run(cfg: DictConfig, job_dir: Path | None = None) -> None:
+    """Every check of one run (a sweep's job in `job_dir`): the shared keys, the folder it continues, then the
+    experiment's own `check(cfg)` where it has one."""
     check_output_root(cfg)
     check_seed(cfg)
     check_device(cfg)
     check_logger(cfg)
     experiment = experiment_module(cfg.task)
+    if cfg.resume is not None:
+        check_continued_folder(cfg, Path(cfg.resume), f"resume={cfg.resume}")
+    elif job_dir is not None and (job_dir / "config.yaml").is_file() and getattr(experiment, "RESUMABLE", False):
+        check_continued_folder(cfg, job_dir, f"the sweep job folder {job_dir}")
     if hasattr(experiment, "check"):
         experiment.check(cfg)
+
+
+def check_sweep(cfg: DictConfig) -> None:
+    """What a sweep (-m) needs before any job: a folder to write, a launcher that can start jobs here."""
+    check_output_root(cfg)
+    if cfg.resume is not None:
+        raise UserError(f"resume={cfg.resume} continues one run, not a sweep: a sweep continues when you launch the "
+                        "same command again (it runs only the jobs without a complete summary.json)")
+    launcher = cfg.hydra.launcher
+    if launcher._target_.endswith(".SlurmLauncher") and shutil.which("sbatch") is None:
+        raise UserError(
+            "hydra/launcher=slurm (submitit_slurm) submits the jobs with SLURM's sbatch, which is not on this "
+            "machine's PATH; nothing was submitted: launch the sweep from the cluster's login node, or use "
+            "hydra/launcher=local (the jobs as processes on this machine)"
+        )
 
 
 def experiment_module(task: str) -> ModuleType:
@@ -83,6 +119,54 @@ def experiment_module(task: str) -> ModuleType:
         if missing.name != f"experiments.{task}":
             raise
         raise UserError(f"task={task!r} has no module experiments/{task}.py") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A folder that a run continues
+
+SETTINGS_THAT_MAY_CHANGE = ("resume", "logger", "paths", "device")  # where results go and how they are logged;
+# the device's kind is compared on its own (cuda:1 is no change), the weight files through the keys that name them
+
+
+def check_continued_folder(cfg: DictConfig, folder: Path, what: str) -> None:
+    """A run continues `folder` only as the experiment that can, with the settings the folder's run had."""
+    experiment = experiment_module(cfg.task)
+    if not getattr(experiment, "RESUMABLE", False):
+        raise UserError(f"{what}: {cfg.task} cannot continue a run; start it anew (resume= is for generate, "
+                        "accel_eval and accel_compare)")
+    saved_path = folder / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"{what} is not a run folder (it has no config.yaml): pass the folder of an interrupted run, "
+                        f"e.g. {cfg.paths.output_root}/{cfg.task}/<its time>")
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+    if saved.get("task") != cfg.task:
+        raise UserError(f"{what} holds a {saved.get('task')} run, not {cfg.task}: run experiment={saved.get('task')} "
+                        "to continue it, or start a new run")
+    current = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    current.paths.weights_dir = to_absolute_path(cfg.paths.weights_dir)  # as run.py settles it before saving
+    current = OmegaConf.to_container(current, resolve=True)
+    changed = [
+        f"{key}={before!r} there, {after!r} now"
+        for key, before, after in _differences(saved, current)
+        if key.split(".")[0] not in SETTINGS_THAT_MAY_CHANGE
+    ]
+    import torch  # here, not at the top: see check_device
+
+    kind = cfg.device.split(":")[0] if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if str(saved.get("device", "")).split(":")[0] != kind:
+        changed.append(f"device={saved.get('device')!r} there, {cfg.device!r} now (other numerics)")
+    if changed:
+        raise UserError(f"{what} was run with other settings, so its images would not match this run's: "
+                        + "; ".join(changed[:5]) + ("; ..." if len(changed) > 5 else "")
+                        + f". Continue it with its own settings (in {saved_path}), or start a new run")
+
+
+def _differences(before: Any, after: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, before, after) of every leaf that differs between two plain configs."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [difference for key in sorted(before.keys() | after.keys(), key=str)
+                for difference in _differences(before.get(key), after.get(key), f"{prefix}{key}.")]
+    return [] if before == after else [(prefix.rstrip("."), before, after)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,6 +221,9 @@ def check_device(cfg: DictConfig) -> None:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise UserError(f"device={cfg.device!r} is not a device the lab runs on: use auto, cpu, cuda or cuda:<index>")
+    if device.type == "cuda" and device.index is not None and launched_processes().several:
+        raise UserError(f"device={cfg.device} under several processes: each takes its own GPU (cuda:<LOCAL_RANK>); "
+                        "use device=cuda or device=auto")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(
@@ -223,6 +310,7 @@ def check_prompts(cfg: DictConfig) -> list[dict]:
     """The run's prompts (evals/prompts.py reads and checks them; an empty list is an error there)."""
     from evals.prompts import load_prompts
 
+    whole("prompts.samples_per_prompt", cfg.prompts.samples_per_prompt, minimum=1, why=" (images per prompt)")
     return load_prompts(cfg.prompts)
 
 

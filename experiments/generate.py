@@ -1,10 +1,15 @@
 """generate: images for the run's prompts with the configured model, and their scores where they exist.
 
-Writes images/<index>.png, a captioned contact sheet, one results row per image, and:
+Writes images/<index>.png (<index>_<sample>.png with prompts.samples_per_prompt > 1), a captioned contact sheet,
+one results row per image, and:
 - on the ShapesEval suite (prompts=shapes_eval), the GenEval-style table (per category and overall) and,
   with generate.fid, FID against ground-truth renders of the same prompts (one seeded world render each);
-- on GenEval prompts (prompts=geneval), the images in GenEval's folder layout under geneval/, ready for the
-  official scorer on a machine that has its detector.
+- on GenEval prompts (prompts=geneval), the images in GenEval's folder layout under geneval/, and on DPG-Bench
+  prompts (prompts=dpg) in DPG-Bench's under dpg/, ready for the official scorers on a machine that has their
+  models (experiments/import_scores.py brings their scores back).
+
+Under torchrun every process makes its share of the batches; rank 0 merges, scores and writes the rest
+(experiments/distributed.py). resume=<run folder> continues an interrupted run (experiments/image_batches.py).
 """
 
 from __future__ import annotations
@@ -14,20 +19,25 @@ import logging
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-from accel.sampler import SamplingConfig, generate
-from evals.prompt_files import export_geneval_layout
-from evals.prompts import load_prompts
+from accel.sampler import SamplingConfig
 from analysis.fid import InceptionFeatures, MetricUnavailable, frechet_distance
+from errors import UserError
+from evals.prompt_files import BENCHMARK_LAYOUTS, export_benchmark_layout
+from evals.prompts import load_prompts
 from evals.shapes_eval import evaluate
 from evals.shapes_world import render
 from experiments.config_checks import check_model, check_prompts, flag, positive_wholes
+from experiments.image_batches import ImageSet, make_images
 from experiments.recorder import RunRecorder
 from experiments.world_preview import caption_grid
 from models.pipeline import build_model
 
 log = logging.getLogger(__name__)
+
+SHARDED = True  # every process of a torchrun run makes its share of the batches
+RESUMABLE = True  # resume=<run folder> keeps the images an interrupted run finished
+BASELINE = "baseline"  # generate's images are the model's own: the baseline row of a benchmark table
 
 
 def sampling_config(model_cfg: DictConfig) -> SamplingConfig:
@@ -37,46 +47,55 @@ def sampling_config(model_cfg: DictConfig) -> SamplingConfig:
 def check(cfg: DictConfig) -> None:
     check_model(cfg)
     check_prompts(cfg)
+    check_benchmark_layout(cfg)
     positive_wholes(cfg.generate, "generate", ["contact_sheet_size", "grid_columns"])
     flag("generate.fid", cfg.generate.fid)
 
 
+def check_benchmark_layout(cfg: DictConfig) -> None:
+    """DPG-Bench's grid holds at most 4 samples per prompt."""
+    if cfg.prompts.name == "dpg" and cfg.prompts.samples_per_prompt > 4:
+        raise UserError(f"prompts.samples_per_prompt={cfg.prompts.samples_per_prompt}: DPG-Bench scores a 2x2 grid, "
+                        "at most 4 samples per prompt (its protocol: 4)")
+
+
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     prompts = load_prompts(cfg.prompts)
+    image_set = ImageSet.of(cfg, prompts)
+    samples, per_prompt = image_set.samples, image_set.samples_per_prompt
     model = build_model(cfg.model, cfg.device)
     sampling = sampling_config(cfg.model)
-    batch_size = cfg.model.batch_size
-    log.info("%s: %d prompts, %s px, sampling %s", cfg.model.name, len(prompts), model.image_size, sampling)
+    log.info("%s: %d prompts x %d samples, %s px, sampling %s", cfg.model.name, len(prompts), per_prompt,
+             model.image_size, sampling)
+    recorder.processes.warn_if_idle(len(image_set.batches()))
+    make_images(recorder, model, image_set, sampling, "images", row_fields={})
+    if not recorder.processes.finish_share():
+        return {}
 
-    images = []
-    batches = range(0, len(prompts), batch_size)
-    for batch_index, start in enumerate(tqdm(batches, desc=f"generate ({batch_size} per batch)")):
-        batch = prompts[start : start + batch_size]
-        result = generate(model, [p["prompt"] for p in batch], sampling, seed=cfg.seed + batch_index, progress=True)
-        for item, image in zip(batch, result.images):
-            images.append(image.numpy())
-            recorder.save_images([image.numpy()], [f"{item['index']:05d}"])
-            recorder.log({"index": item["index"], "prompt": item["prompt"], "seed": cfg.seed + batch_index})
-
-    summary: dict = {"model": cfg.model.name, "num_images": len(images), "image_size": list(model.image_size)}
+    recorder.write_rows([{"index": sample["index"], "sample": sample["sample"], "prompt": sample["prompt"],
+                          "seed": seed} for sample, seed in zip(samples, image_set.seeds())])
+    images = image_set.load(recorder.run_dir / "images")
+    summary: dict = {"model": cfg.model.name, "num_images": len(images), "samples_per_prompt": per_prompt,
+                     "image_size": list(model.image_size)}
     shown, passed = cfg.generate.contact_sheet_size, None
     if cfg.prompts.name == "shapes_eval":
-        summary["shapes_eval"] = shapes_eval_table(images, prompts, recorder)
+        summary["shapes_eval"] = shapes_eval_table(images, samples, recorder)
         passed = summary["shapes_eval"]["correct"][:shown]
         if cfg.generate.fid:
             try:
-                summary["fid_vs_world"] = fid_against_world(images, prompts, cfg.seed, torch.device(cfg.device))
-                log.info(f"FID against {len(prompts)} ground-truth renders: {summary['fid_vs_world']:.2f}")
+                summary["fid_vs_world"] = fid_against_world(images, samples, cfg.seed, torch.device(cfg.device))
+                log.info(f"FID against {len(samples)} ground-truth renders: {summary['fid_vs_world']:.2f}")
             except MetricUnavailable as reason:
                 log.warning("METRIC LEFT OUT: fid (%s)", reason)
                 summary["unavailable_metrics"] = {"fid": str(reason)}
-    captions = [p["prompt"] for p in prompts[:shown]]
+    captions = [sample["prompt"] for sample in samples[:shown]]
     recorder.save_figure(caption_grid(images[:shown], captions, cfg.generate.grid_columns, passed), "contact_sheet")
-    if cfg.prompts.name == "geneval":
-        folder = recorder.run_dir / "geneval"
-        export_geneval_layout(folder, prompts, [[image] for image in images])
-        summary["geneval_export"] = str(folder)
-        log.info("GenEval layout written to %s; score it with the official GenEval evaluator", folder)
+    if cfg.prompts.name in BENCHMARK_LAYOUTS:
+        folder = recorder.run_dir / cfg.prompts.name
+        export_benchmark_layout(cfg.prompts.name, folder, prompts, images, per_prompt)
+        summary["exports"] = {cfg.prompts.name: {BASELINE: str(folder)}}
+        log.info("%s layout written to %s: score it with the official scorer, then bring the scores back with "
+                 "experiment=import_scores", cfg.prompts.name, folder)
     return summary
 
 

@@ -3,9 +3,11 @@
     python run.py -m experiment=rank_sweep accel.rank_ratio=0.1,0.2,0.3 accel.refinement_start=-2,-3
     python run.py experiment=rank_sweep rank_sweep.aggregate=true
 
-Each job is an accel_eval of its setting, in <rank_sweep.dir>/<its overrides>/. A job whose folder already holds
-a complete summary.json keeps it and runs nothing, so a re-launched or extended sweep only runs what is missing;
-a job that failed or was interrupted runs again from scratch.
+Each job is an accel_eval of its setting, in <rank_sweep.dir>/<its overrides>/. A relaunched or extended sweep
+launches only the jobs whose folder has no complete summary.json and leaves the finished ones untouched
+(hydra_plugins/stagevar_sweeper); a job that failed or was interrupted continues in its folder, keeping the
+images it had finished (experiments/image_batches.py). Launched with hydra/launcher=slurm, each job may
+itself run on several GPUs (tasks_per_node), sharing its images as under torchrun.
 Aggregation reads the job folders and writes, in its own run folder, one row per setting (tables/rank_sweep.csv)
 and the speed/quality Pareto figure.
 """
@@ -26,7 +28,8 @@ from experiments.recorder import RunRecorder
 
 log = logging.getLogger(__name__)
 
-RECORDER_KEYS = ("status", "task", "started_at", "finished_at", "duration_s")  # what RunRecorder adds to a summary
+SHARDED = accel_eval.SHARDED
+RESUMABLE = accel_eval.RESUMABLE
 
 
 def check(cfg: DictConfig) -> None:
@@ -36,23 +39,10 @@ def check(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     if cfg.rank_sweep.aggregate:
+        if not recorder.processes.is_main:
+            return {}  # reading the sweep's folders is one process's work
         return aggregate(Path(cfg.rank_sweep.dir), recorder, cfg.accel_eval.pareto_quality)
-    previous = finished_summary(recorder.summary_path)
-    if previous is not None:
-        log.info("%s finished before; its results stand (delete its summary.json to run it again)", recorder.run_dir)
-        return previous
-    recorder.results_path.unlink(missing_ok=True)  # rows of an unfinished earlier attempt would mix with these
     return accel_eval.run(cfg, recorder)
-
-
-def finished_summary(path: Path) -> dict | None:
-    """The experiment's part of a complete summary.json, or None when there is none."""
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    if summary.get("status") != "complete":
-        return None
-    return {key: value for key, value in summary.items() if key not in RECORDER_KEYS}
 
 
 def sweep_jobs(sweep_dir: Path) -> list[tuple[str, dict]]:

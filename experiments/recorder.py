@@ -3,9 +3,16 @@
 Run folder layout:
     config.yaml      the resolved config (Hydra's unresolved one stays in .hydra/)
     results.jsonl    one JSON line per log() call, flushed at once, so an interrupted run keeps its rows
+    results.rank<r>.jsonl   rows of process r's share of the work (log_partial), until rank 0 merges them into
+                     results.jsonl (write_rows); an interrupted run keeps them
     summary.json     written last: "status" is "complete", "failed" or "interrupted"
     figures/<name>.png, images/..., tables/<name>.csv
     wandb/           W&B's offline files when logger=wandb (upload later with `wandb sync`)
+
+Under several processes (experiments/distributed.py) every process has a recorder on the one folder: each writes
+its share of the images and rows; rank 0 alone writes config.yaml, summary.json, figures, tables and W&B.
+A resumable experiment run again in a folder (resume=<run folder>, a relaunched sweep job) finds the rows the
+earlier attempt left in `earlier_rows`; any other experiment starts without them.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from errors import UserError
+from experiments.distributed import Processes
+
 if TYPE_CHECKING:  # imported when W&B starts: logger=none runs without the package (the GPU image lacks it)
     import wandb
 
@@ -36,20 +46,31 @@ log = logging.getLogger(__name__)
 class RunRecorder:
     """Owns one run folder; use as `with RunRecorder(cfg, run_dir) as recorder: ...`."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, processes: Processes | None = None,
+                 resumable: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.processes = processes or Processes()
+        self.resumable = resumable
         self.results_path = self.run_dir / "results.jsonl"
         self.summary_path = self.run_dir / "summary.json"
+        self.partial_rows_path = self.run_dir / f"results.rank{self.processes.rank}.jsonl"
+        self.earlier_rows: list[dict] = []  # rows an earlier attempt left in the folder (resumable experiments)
+        self._logged_rows: list[dict] = []  # this run's log() rows
         self._wandb_run: wandb.Run | None = None
         self._wandb: ModuleType | None = None  # the wandb package, once W&B has started
         self._started_at = 0.0
 
     def __enter__(self) -> RunRecorder:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
         self._started_at = time.time()
-        self._wandb_run = self._start_wandb()
+        if self.processes.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._settle_earlier_rows()
+            OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+            self._wandb_run = self._start_wandb()
+        self.processes.sync()  # the others read the settled rows
+        if self.resumable and self.results_path.is_file():
+            self.earlier_rows = read_rows(self.results_path)
         return self
 
     def __exit__(
@@ -58,6 +79,8 @@ class RunRecorder:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if not self.processes.is_main:
+            return
         if exc is not None:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             error = f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__
@@ -68,12 +91,50 @@ class RunRecorder:
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one result row to results.jsonl; its numeric fields also go to W&B."""
-        with self.results_path.open("a") as results:
-            results.write(json.dumps(row, default=_plain_json) + "\n")
+        _append_row(self.results_path, row)
+        self._logged_rows.append(row)
+        self._log_numbers(row)
+
+    def log_partial(self, row: dict[str, Any]) -> None:
+        """Append a row of this process's share to results.rank<r>.jsonl; W&B gets it when rank 0 merges."""
+        _append_row(self.partial_rows_path, row)
+
+    def partial_rows(self) -> list[dict]:
+        """Every process's log_partial rows of this attempt, rank by rank (rank 0, after the others finished)."""
+        return [row for path in self._partial_rows_files() for row in read_rows(path)]
+
+    def write_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        """results.jsonl becomes this run's log() rows followed by `rows` (every process's rows, merged and in their
+        final order; rows an earlier attempt left are not kept); `rows` go to W&B, the row files of the shares go."""
+        self._replace_rows([*self._logged_rows, *rows])
+        for path in self._partial_rows_files():
+            path.unlink()
+        for row in rows:
+            self._log_numbers(row)
+
+    def _replace_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        partial = self.results_path.with_suffix(".jsonl.tmp")
+        partial.write_text("".join(json.dumps(row, default=_plain_json) + "\n" for row in rows))
+        os.replace(partial, self.results_path)
+
+    def _log_numbers(self, row: dict[str, Any]) -> None:
         if self._wandb_run is not None:
             numeric = {key: value for key, value in row.items() if isinstance(value, numbers.Number)}
             if numeric:
                 self._wandb_run.log(numeric)
+
+    def _partial_rows_files(self) -> list[Path]:
+        return sorted(self.run_dir.glob("results.rank*.jsonl"), key=lambda path: int(path.stem.split("rank")[1]))
+
+    def _settle_earlier_rows(self) -> None:
+        """An earlier attempt's rows in this folder: gathered into results.jsonl (without the line a kill may have
+        cut short) for a resumable experiment, removed for any other, so they never mix with this run's."""
+        files = [path for path in (self.results_path, *self._partial_rows_files()) if path.is_file()]
+        earlier = [row for path in files for row in read_rows(path)] if self.resumable else []
+        for path in files:
+            path.unlink()
+        if earlier:
+            self._replace_rows(earlier)
 
     def save_figure(self, fig: Figure, name: str) -> Path:
         """Save a matplotlib figure as figures/<name>.png (and to W&B), then close it."""
@@ -87,7 +148,17 @@ class RunRecorder:
     def save_images(
         self, images: np.ndarray | Sequence[np.ndarray], names: Sequence[str], subdir: str = "images"
     ) -> list[Path]:
-        """Save uint8 RGB images (N,H,W,3 array or a list of H,W,3) as <subdir>/<name>.png."""
+        """Save uint8 RGB images (N,H,W,3 array or a list of H,W,3) as <subdir>/<name>.png (and to W&B)."""
+        paths = self.save_partial_images(images, names, subdir)
+        if self._wandb_run is not None:
+            self._wandb_run.log({subdir: [self._wandb.Image(str(p), caption=p.stem) for p in paths]})
+        return paths
+
+    def save_partial_images(
+        self, images: np.ndarray | Sequence[np.ndarray], names: Sequence[str], subdir: str = "images"
+    ) -> list[Path]:
+        """Save images of this process's share as <subdir>/<name>.png, each whole or not at all (a resumed run
+        trusts the files it finds); W&B gets the figures drawn from them, not every image."""
         if len(images) != len(names):
             raise ValueError(f"save_images got {len(images)} images but {len(names)} names")
         paths = []
@@ -98,10 +169,10 @@ class RunRecorder:
                     f"save_images needs uint8 (H,W,3) images; {name!r} is {image.dtype} {image.shape}"
                 )
             path = self._new_path(subdir, f"{name}.png")
-            Image.fromarray(image).save(path)
+            partial = path.with_suffix(".png.tmp")
+            Image.fromarray(image).save(partial, format="PNG")
+            os.replace(partial, path)
             paths.append(path)
-        if self._wandb_run is not None:
-            self._wandb_run.log({subdir: [self._wandb.Image(str(p), caption=p.stem) for p in paths]})
         return paths
 
     def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -109,16 +180,15 @@ class RunRecorder:
         for row in rows:
             if len(row) != len(columns):
                 raise ValueError(f"table {name!r} has {len(columns)} columns but a row of {len(row)}: {row}")
-        with self._new_path("tables", f"{name}.csv").open("w", newline="") as table_file:
-            writer = csv.writer(table_file)
-            writer.writerow(columns)
-            writer.writerows(rows)
+        write_csv(self._new_path("tables", f"{name}.csv"), columns, rows)
         if self._wandb_run is not None:
             self._wandb_run.log({f"tables/{name}": self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
         return format_table(columns, rows)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Mark the run complete: summary.json gets status, timing and the experiment's summary."""
+        """Mark the run complete: summary.json gets status, timing and the experiment's summary (rank 0)."""
+        if not self.processes.is_main:
+            return
         self._write_summary("complete", summary)
         if self._wandb_run is not None:
             self._wandb_run.summary.update(summary)
@@ -176,6 +246,49 @@ class RunRecorder:
         folder = self.run_dir / subdir
         folder.mkdir(parents=True, exist_ok=True)
         return folder / filename
+
+
+def is_complete(run_dir: Path) -> bool:
+    """Whether a run folder holds a complete run (its summary.json says so)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "complete"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def finished_jobs(sweep_dir: Path) -> list[Path]:
+    """The job folders of a sweep that hold a complete run (a job named by a path value nests deeper)."""
+    return sorted(path.parent for path in sweep_dir.rglob("summary.json") if is_complete(path.parent))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a results file. A last line without its newline is the row a killed run was writing: dropped."""
+    text = path.read_text()
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines = lines[:-1]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}, line {number}: not a JSON row ({error.msg}); the file was edited or damaged: "
+                            "remove the line, or start a new run") from None
+    return rows
+
+
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as rows:
+        rows.write(json.dumps(row, default=_plain_json) + "\n")
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    with path.open("w", newline="") as table_file:
+        writer = csv.writer(table_file)
+        writer.writerow(columns)
+        writer.writerows(rows)
 
 
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

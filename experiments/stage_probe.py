@@ -7,6 +7,9 @@ measured and dropped. The run folder holds everything the notebook needs to redr
     spectra.json     mean power spectra and singular-value energies per scale, and the probe's settings
     images/strip/    partial images of the first probe.strip_prompts prompts
     figures/         the paper's Fig. 1 panels, the strip, power and singular-value spectra, rank fractions
+
+Under torchrun every process probes its share of the batches (experiments/distributed.py); rank 0 merges the rows
+in prompt order and the spectra in batch order, as one process would have summed them, and decides the stages.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from experiments.recorder import RunRecorder
 from models.pipeline import build_model, missing_model_files, resolve_device, schedule_and_transformer
 
 log = logging.getLogger(__name__)
+SHARDED = True  # every process of a torchrun run probes its share of the batches
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -80,17 +84,31 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     sampling = sampling_config(cfg.model)
     log.info("%s: probing %d prompts with %s", cfg.model.name, len(prompts), ", ".join(metrics))
 
-    rows, spectra = [], RunningMeans()
-    batches = range(0, len(prompts), probe.batch_size)
-    for batch_index, start in enumerate(tqdm(batches, desc=f"stage probe ({probe.batch_size} per batch)")):
-        batch = prompts[start : start + probe.batch_size]
+    processes = recorder.processes
+    starts = range(0, len(prompts), probe.batch_size)
+    processes.warn_if_idle(len(starts))
+    batch_spectra: dict[int, RunningMeans] = {}  # batch number -> its power spectra and singular-value energies
+    for number in tqdm(processes.share(len(starts)), desc=f"stage probe ({probe.batch_size} per batch)",
+                       disable=not processes.is_main):
+        batch = prompts[starts[number] : starts[number] + probe.batch_size]
         trace = ScaleTrace(model.vae, blocks, chunk_starts=[chunk[0].index for chunk in model.transformer.chunks])
         texts = [p["prompt"] for p in batch]
-        generate(model, texts, sampling, seed=cfg.seed + batch_index, observers=[trace], decode=False)
-        for row in measure(trace, batch, metrics, probe, spectra):
-            recorder.log(row)
-            rows.append(row)
-        save_strip(recorder, trace, batch, first_position=start, strip_prompts=probe.strip_prompts)
+        generate(model, texts, sampling, seed=cfg.seed + number, observers=[trace], decode=False)
+        batch_spectra[number] = RunningMeans()
+        for row in measure(trace, batch, metrics, probe, batch_spectra[number]):
+            recorder.log_partial(row)
+        save_strip(recorder, trace, batch, first_position=starts[number], strip_prompts=probe.strip_prompts)
+    shares = processes.gather(batch_spectra)
+    if not processes.finish_share():
+        return {}
+
+    by_batch = {number: means for share in shares for number, means in share.items()}
+    spectra = RunningMeans()
+    for number in sorted(by_batch):  # in batch order: the sums of a one-process run, bit for bit
+        spectra.add_means(by_batch[number])
+    position = {prompt["index"]: i for i, prompt in enumerate(prompts)}
+    rows = sorted(recorder.partial_rows(), key=lambda row: (position[row["index"]], row["scale"]))
+    recorder.write_rows(rows)
 
     schedule = model.schedule
     curves = {name: scale_means(rows, name, len(schedule)) for name in metrics}
@@ -173,7 +191,8 @@ def save_strip(
     """Keep the partial images of the run's first `strip_prompts` prompts as images/strip/<index>_scale<k>.png."""
     for i, prompt in enumerate(batch[: max(0, strip_prompts - first_position)]):
         names = [f"{prompt['index']:05d}_scale{k:02d}" for k in range(len(trace.partial_images))]
-        recorder.save_images([images[i].numpy() for images in trace.partial_images], names, subdir="images/strip")
+        recorder.save_partial_images([images[i].numpy() for images in trace.partial_images], names,
+                                     subdir="images/strip")
 
 
 def write_spectra(

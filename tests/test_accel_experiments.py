@@ -178,7 +178,7 @@ def test_a_relaunched_sweep_runs_only_what_is_missing_and_aggregates_every_job(c
     jobs = sweep_jobs(sweep_dir)
     assert sorted(jobs) == [0.25, 0.5, 0.75] and jobs[0.5] == finished
     assert read_rows(finished) == rows_before  # kept, not run again
-    assert json.loads((failed / "summary.json").read_text())["status"] == "complete"  # run again, from scratch
+    assert json.loads((failed / "summary.json").read_text())["status"] == "complete"  # continued in its folder
     assert {"kind": "left over"} not in read_rows(failed)
 
     run_py("experiment=rank_sweep", f"paths.output_root={tmp_path}", "rank_sweep.name=test",
