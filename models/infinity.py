@@ -473,20 +473,6 @@ class Infinity(nn.Module):
                 captured[block.index] = x
         return x, captured
 
-    def forward_blocks(
-        self,
-        x: Tensor,
-        scale_index: int | Tensor,
-        text: TextCondition,
-        rope: Rope,
-        cache: KVCache | None = None,
-        router: Router = run_on_all_tokens,
-        attn_mask: Tensor | None = None,
-        capture: Iterable[int] = (),
-    ) -> tuple[Tensor, dict[int, Tensor]]:
-        """The level embedding, then every block on tokens x (B, n, C) of one scale (or a teacher-forced sequence)."""
-        return self.run_blocks(self.add_level(x, scale_index), self.blocks, text, rope, cache, router, attn_mask, capture)
-
     def head_logits(self, hidden: Tensor, text: TextCondition) -> Tensor:
         """(B, n, C) -> (B, n, 2 * bits) logits in fp32; logits[2k], logits[2k+1] score bit k = 0, 1."""
         device_type = hidden.device.type
@@ -504,5 +490,6 @@ class Infinity(nn.Module):
         scale_of_token = torch.repeat_interleave(torch.arange(len(schedule), device=tokens.device), sizes)
         block_causal = scale_of_token[:, None] >= scale_of_token[None, :]
         rope = Rope.cat([self.rope(grid, rope_grid) for grid in schedule])
-        hidden, _ = self.forward_blocks(tokens, scale_of_token, text, rope, attn_mask=block_causal)
+        tokens = self.add_level(tokens, scale_of_token)
+        hidden, _ = self.run_blocks(tokens, self.blocks, text, rope, attn_mask=block_causal)
         return self.head_logits(hidden, text)

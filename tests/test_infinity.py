@@ -108,7 +108,9 @@ def test_kv_cached_scales_equal_the_block_causal_full_sequence(small_model):
             else:
                 n = grid[0] * grid[1]
                 tokens, start = small_model.embed_tokens(inputs[:, start : start + n]), start + n
-            hidden, _ = small_model.forward_blocks(tokens, k, text, small_model.rope(grid, rope_grid), cache)
+            hidden, _ = small_model.run_blocks(
+                small_model.add_level(tokens, k), small_model.blocks, text, small_model.rope(grid, rope_grid), cache
+            )
             cached.append(small_model.head_logits(hidden, text))
     assert torch.allclose(torch.cat(cached, dim=1), full, atol=1e-4, rtol=0)
     assert cache.lengths() == [30] * 4
@@ -141,7 +143,9 @@ def test_the_preallocated_kv_cache_gives_the_logits_of_the_concatenating_one(sma
                 if k == 2:  # CFG dropped: the null-text rows go on
                     cache.keep_rows(slice(2, 4))
                     text, tokens = text.rows(slice(2, 4)), tokens[2:]
-                hidden, _ = small_model.forward_blocks(tokens, k, text, small_model.rope(grid, rope_grid), cache)
+                hidden, _ = small_model.run_blocks(
+                    small_model.add_level(tokens, k), small_model.blocks, text, small_model.rope(grid, rope_grid), cache
+                )
             logits.append(small_model.head_logits(hidden, text))
     assert torch.equal(logits[0], logits[1])
 
