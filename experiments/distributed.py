@@ -15,6 +15,7 @@ repeat rank 0's) and show no progress bars.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -173,6 +174,9 @@ def _join() -> Processes:
 
     # Meeting points exchange small Python objects, on the CPU (gloo); CUDA tensors would go through NCCL.
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=MEETING_TIMEOUT)
+    # Left to interpreter shutdown, the group's threads can outlive it and abort the process ("terminate called
+    # without an active exception"): a process that has made its share and leaves would fail the run.
+    atexit.register(dist.destroy_process_group)
     processes = Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if not processes.is_main:
         logging.disable(logging.WARNING)
