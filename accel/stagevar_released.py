@@ -33,7 +33,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from accel.policies import ModelSpec, check_choice, count_from_end, gather_tokens, resize_tokens, scatter_tokens
+from accel.policies import (
+    RESIZE_MODES,
+    ModelSpec,
+    check_choice,
+    count_from_end,
+    gather_tokens,
+    resize_tokens,
+    scatter_tokens,
+)
 from accel.sampler import ReducedTokens, ScalePlan
 from accel.stagevar import dither_order
 from analysis.stages import load_stages
@@ -79,7 +87,7 @@ class ReleasedStageVARPolicy:
         self.sketch = check_choice("sketch", sketch, ("gaussian_mixture", "selection"))
         self.index_sampling = check_choice("index_sampling", index_sampling, ("norm_multinomial", "uniform_grid"))
         self.rope_positions = check_choice("rope_positions", rope_positions, ("first_r", "indices"))
-        self.restore = check_choice("restore", restore, ("area", "bilinear", "bicubic", "nearest", "nearest-exact"))
+        self.restore = check_choice("restore", restore, RESIZE_MODES)
         check_choice("ranks", ranks, ("preset", "probe"))
         self.seed = seed
         reduced, num_chunks = list(range(self.first_reduced, self.first_skipped)), spec.block_chunks
@@ -92,7 +100,9 @@ class ReleasedStageVARPolicy:
             ratios = {k: preset_ratios(alpha, k - num_scales, num_chunks) for k in reduced}
             if spec.schedule[-3:] != list(RELEASED_SCHEDULE_END) or num_chunks != 8:
                 _warn_mapped_presets(spec.name, num_chunks, tuple(spec.schedule[-3:]))
-        self.ranks = {k: [int(ratio * size(spec.schedule[k])) + 1 for ratio in ratios[k]] for k in reduced}
+        # The release's r = int(ratio * N) + 1, at most N (a measured ratio of 1 would ask for N + 1 tokens).
+        self.ranks = {k: [min(int(ratio * size(spec.schedule[k])) + 1, size(spec.schedule[k])) for ratio in ratios[k]]
+                      for k in reduced}
         self._generator: torch.Generator | None = None
 
     def plan(self, scale_index: int, grid: Grid, schedule: Sequence[Grid]) -> ScalePlan:

@@ -153,6 +153,18 @@ def test_a_stages_file_without_chunk_ranks_says_which_probe_makes_them(model, tm
         policy(model, ranks="probe", stages_file=str(path))
 
 
+def test_a_probed_ratio_of_one_keeps_every_token_not_one_more(model, tmp_path: Path):
+    ratios = {str(k): [1.0, 0.5] for k in range(len(SCHEDULE))}
+    stages = {"model": "small", "schedule": [[s, s] for s in SCHEDULE], "semantic_end": 1, "structure_end": 2,
+              "refinement_start": 3, "rule": {}, "curves": {}, "num_prompts": 1, "code_version": "test",
+              "ranks": {"per_scale": [1] * 6, "chunk_ranks": {"ratio": {"0.96": ratios}}}}
+    path = tmp_path / "stages.json"
+    path.write_text(json.dumps(stages))
+    released = policy(model, ranks="probe", stages_file=str(path))
+    assert released.ranks == {3: [36, 19]}  # 6 x 6 tokens: int(1.0 * 36) + 1 = 37 would be one too many
+    run(model, released)  # and it runs
+
+
 def test_a_schedule_too_short_for_the_released_skip_is_refused():
     with pytest.raises(UserError, match="needs a schedule of at least 4 scales"):
         build_policy(OmegaConf.load(CONF / "stagevar_released.yaml"), ModelSpec("small", [(1, 1), (2, 2), (4, 4)], 2, 1))
