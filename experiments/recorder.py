@@ -214,7 +214,8 @@ class RunRecorder:
 
     def _init_wandb(self, mode: str) -> wandb.Run:
         logger = self.cfg.logger
-        return self._wandb.init(
+        verbose = logger.get("verbose", False)
+        run = self._wandb.init(
             mode=mode,
             project=logger.project,
             entity=logger.entity,
@@ -222,8 +223,13 @@ class RunRecorder:
             tags=list(logger.tags),
             config=OmegaConf.to_container(self.cfg, resolve=True),
             dir=self.run_dir,
-            settings=self._wandb.Settings(quiet=not logger.get("verbose", False)),  # its banner buries the run's own output
+            settings=self._wandb.Settings(silent=not verbose),  # its banner buries the run's own output
         )
+        if not verbose:  # one line of our own instead
+            offline_run = Path(run.dir).parent  # run.dir is its files/ folder
+            log.info("W&B: %s", run.url if mode == "online" else f"offline run in {offline_run}; upload it with "
+                     f"`wandb sync {offline_run}`")
+        return run
 
     def _write_summary(self, status: str, fields: dict[str, Any]) -> None:
         finished_at = time.time()

@@ -79,6 +79,15 @@ def test_default_logger_keeps_offline_wandb_files_in_the_run_folder(runs_started
     assert not (runs_started_together["none"] / "wandb").exists()
 
 
+def test_w_and_b_says_one_line_of_ours_unless_verbose(tmp_path: Path):
+    quiet = wait(start_run(*SMALL_PREVIEW, output_root=tmp_path / "quiet"))
+    assert quiet.returncode == 0 and "wandb:" not in quiet.stdout + quiet.stderr
+    (folder,) = run_folders(tmp_path / "quiet")
+    assert "W&B: offline run in" in (folder / "run.log").read_text()
+    verbose = wait(start_run(*SMALL_PREVIEW, "logger.verbose=true", output_root=tmp_path / "verbose"))
+    assert verbose.returncode == 0 and "wandb:" in verbose.stdout + verbose.stderr  # W&B's own banner
+
+
 def test_without_an_experiment_the_experiments_are_listed(tmp_path: Path):
     result = wait(start_run(output_root=tmp_path))
     assert result.returncode != 0
