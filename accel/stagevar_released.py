@@ -100,9 +100,11 @@ class ReleasedStageVARPolicy:
             ratios = {k: preset_ratios(alpha, k - num_scales, num_chunks) for k in reduced}
             if spec.schedule[-3:] != list(RELEASED_SCHEDULE_END) or num_chunks != 8:
                 _warn_mapped_presets(spec.name, num_chunks, tuple(spec.schedule[-3:]))
-        # The release's r = int(ratio * N) + 1, at most N (a measured ratio of 1 would ask for N + 1 tokens).
-        self.ranks = {k: [min(int(ratio * size(spec.schedule[k])) + 1, size(spec.schedule[k])) for ratio in ratios[k]]
-                      for k in reduced}
+        self.ranks = {}
+        for k in reduced:
+            tokens = spec.schedule[k][0] * spec.schedule[k][1]
+            # The release's r = int(ratio * N) + 1, at most N (a measured ratio of 1 would ask for N + 1 tokens).
+            self.ranks[k] = [min(int(ratio * tokens) + 1, tokens) for ratio in ratios[k]]
         self._generator: torch.Generator | None = None
 
     def plan(self, scale_index: int, grid: Grid, schedule: Sequence[Grid]) -> ScalePlan:
@@ -172,10 +174,6 @@ def _warn_mapped_presets(model: str, num_chunks: int, last_scales: tuple[Grid, .
         "at the end); %s (%d chunks, ends %s) takes them by position from the end%s", model, num_chunks,
         list(last_scales), "" if num_chunks == 8 else " and by share of the depth",
     )
-
-
-def size(grid: Grid) -> int:
-    return grid[0] * grid[1]
 
 
 @functools.cache

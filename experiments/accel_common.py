@@ -318,13 +318,24 @@ def check_comparison(cfg: DictConfig, methods: list[Method], settings_key: str) 
     check_model(cfg)
     check_prompts(cfg)
     check_benchmark_layout(cfg)
+    options = check_timing(cfg, settings_key)
+    whole(f"{settings_key}.samples_shown", options.samples_shown, minimum=1)
+    flag(f"{settings_key}.fid", options.fid)
+    build_metrics(cfg.metrics)  # names and settings; nothing is loaded
+    check_policies(cfg, methods)
+
+
+def check_timing(cfg: DictConfig, settings_key: str) -> ComparisonSettings:
+    """The timing settings (repeats, warmup) of the `settings_key` block, checked."""
     options = ComparisonSettings.from_block(cfg[settings_key])
     whole(f"{settings_key}.repeats", options.repeats, minimum=MIN_REPEATS,
           why=" (timed rounds: with fewer, one slow call moves the median)")
     whole(f"{settings_key}.warmup", options.warmup, minimum=1, why=" (untimed rounds: first calls pay one-off costs)")
-    whole(f"{settings_key}.samples_shown", options.samples_shown, minimum=1)
-    flag(f"{settings_key}.fid", options.fid)
-    build_metrics(cfg.metrics)  # names and settings; nothing is loaded
+    return options
+
+
+def check_policies(cfg: DictConfig, methods: list[Method]) -> None:
+    """Every method's policy, built against the model's spec read from its config (no model is built)."""
     spec = ModelSpec.of_config(cfg.model)
     for method in methods:
         build_policy(method.accel, spec)

@@ -23,10 +23,19 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig
 
-from accel.policies import ModelSpec, build_policy
+from accel.policies import build_policy
 from accel.sampler import generate
 from errors import UserError
-from experiments.accel_common import BASELINE, ComparisonSettings, Method, accel_option, measure_speed, methods_from
+from experiments.accel_common import (
+    BASELINE,
+    ComparisonSettings,
+    Method,
+    accel_option,
+    check_policies,
+    check_timing,
+    measure_speed,
+    methods_from,
+)
 from experiments.config_checks import check_model, number, whole
 from experiments.generate import sampling_config
 from experiments.recorder import RunRecorder
@@ -47,14 +56,10 @@ def check(cfg: DictConfig) -> None:
         raise UserError("device_benchmark.batch_sizes=[] measures nothing: give at least one, e.g. [1, 4]")
     for i, batch_size in enumerate(settings.batch_sizes):
         whole(f"device_benchmark.batch_sizes[{i}]", batch_size, minimum=1)
-    comparison = ComparisonSettings.from_block(settings)
-    whole("device_benchmark.repeats", comparison.repeats, minimum=5, why=" (timed rounds)")
-    whole("device_benchmark.warmup", comparison.warmup, minimum=1, why=" (first calls pay one-off costs)")
+    check_timing(cfg, "device_benchmark")
     if settings.peak_bf16_tflops is not None:
         number("device_benchmark.peak_bf16_tflops", settings.peak_bf16_tflops, 0, float("inf"), low_open=True)
-    spec = ModelSpec.of_config(cfg.model)
-    for method in methods_from(settings.methods):
-        build_policy(method.accel, spec)
+    check_policies(cfg, methods_from(settings.methods))
     try:
         InfinityConfig(**settings.precision_check.transformer)
     except (TypeError, ValueError) as error:
