@@ -31,10 +31,12 @@ def cumulative_energy(values: Tensor) -> Tensor:
 
 
 def energy_ranks(values: Tensor, energies: Sequence[float]) -> Tensor:
-    """(B, n) singular values -> (B, len(energies)) ranks r(e), each in 1..n."""
+    """(B, n) singular values -> (B, len(energies)) ranks r(e), each in 1..n; 0 for a matrix of zeros (a centred
+    matrix whose tokens are all equal, e.g. a scale input upsampled from one token), which no rank describes."""
     cumulative = cumulative_energy(values)
     below = cumulative[:, None, :] < torch.tensor(energies, dtype=cumulative.dtype)[None, :, None]
-    return (below.sum(-1) + 1).clamp_max(values.shape[-1])  # rounding can leave the total a hair below 1
+    ranks = (below.sum(-1) + 1).clamp_max(values.shape[-1])  # rounding can leave the total a hair below 1
+    return ranks.masked_fill(values.float().square().sum(-1, keepdim=True) == 0, 0)
 
 
 def aggregate_rank(ranks: Sequence[int], how: RankAggregate) -> int:

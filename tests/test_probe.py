@@ -64,6 +64,7 @@ def test_energy_ranks_of_a_matrix_with_known_singular_values():
     values = singular_values(features[None])
     assert values[0, :3].tolist() == pytest.approx([3.0, 2.0, 1.0], abs=1e-5)
     assert energy_ranks(values, [0.6, 0.9, 0.95, 1.0]).tolist() == [[1, 2, 3, 3]]
+    assert energy_ranks(torch.zeros(1, 4), [0.5, 1.0]).tolist() == [[0, 0]]  # no energy: rank 0
 
 
 def test_ranks_aggregate_to_the_rounded_up_mean_or_the_90th_percentile():
@@ -119,7 +120,9 @@ def test_measure_gives_one_row_per_prompt_and_scale_with_every_measurement(model
             assert 1 <= row[rank_key(source, 0.9)] <= row[rank_key(source, 0.99)] <= min(row["tokens"], 64)
             assert row[rank_key(source, 0.99, fraction=True)] == row[rank_key(source, 0.99)] / row["tokens"]
         low, high = row[chunk_rank_key(0.5)], row[chunk_rank_key(0.96)]  # per chunk: rank / min(M, d)
-        assert len(low) == len(high) == 2 and all(0 < a <= b <= 1 for a, b in zip(low, high))
+        assert len(low) == len(high) == 2 and all(0 <= a <= b <= 1 for a, b in zip(low, high))
+        if row["tokens"] == 1:  # one token, centred: a matrix of zeros has rank 0, not a full rank
+            assert low == high == [0.0, 0.0]
     assert len(spectra.mean("power_spectrum/4")) == 33 and len(spectra.mean("cumulative_energy/block0/4")) == 64
 
     summary = rank_summary(rows, RankChoice(source="block0", energy=0.99, aggregate="p90"), model_64px.schedule, [0.5, 0.96])
