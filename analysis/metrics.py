@@ -34,12 +34,15 @@ from PIL import Image
 from torch import Tensor
 
 from errors import UserError
-from evals.shapes_eval import score_image
+from evals.shapes_eval import composition_passes, score_image
 from evals.shapes_world import check_metadata
 
 log = logging.getLogger(__name__)
 
-MetricKind = Literal["semantic", "structural"]
+# Which stage a metric tells about. Fidelity metrics (pixel-level: SSIM, GMSD) are expected to keep moving
+# through the refinement stage, so the stage rule reads only semantic and structural curves; fidelity curves are
+# measured and drawn beside them.
+MetricKind = Literal["semantic", "structural", "fidelity"]
 ImageBatch = Tensor | np.ndarray | Sequence[np.ndarray]
 
 # MS-SSIM's per-level weights from its paper (Wang et al. 2003), finest level first.
@@ -128,7 +131,7 @@ class NetworkMetric(ABC):
 
 
 class SSIM(Metric):
-    kind = "structural"
+    kind = "fidelity"
     higher_is_better = True
 
     def compute(self, images: Tensor, references: Tensor) -> Tensor:
@@ -168,7 +171,7 @@ class MSSSIM(Metric):
 
 
 class GMSD(Metric):
-    kind = "structural"
+    kind = "fidelity"
     higher_is_better = False
 
     def compute(self, images: Tensor, references: Tensor) -> Tensor:
@@ -388,10 +391,13 @@ class DINOSimilarity(_OneWeightsFile, Metric):
 
 
 class ShapesEvalPass(PromptMetric):
-    """1 when ShapesEval passes the image for its prompt, else 0; only for shapes-world prompts."""
+    """1 when ShapesEval passes the image for its prompt, else 0; only for shapes-world prompts.
 
-    kind = "semantic"
+    Structural: it checks each object's edge geometry (which shape it is), which settles with structure."""
+
+    kind = "structural"
     higher_is_better = True
+    judge = staticmethod(score_image)
 
     def applies_to(self, prompt: dict) -> bool:
         try:
@@ -402,9 +408,17 @@ class ShapesEvalPass(PromptMetric):
 
     def compute(self, images: Tensor, prompts: Sequence[dict]) -> Tensor:
         return torch.tensor([
-            float(score_image(image.numpy(), prompt)) if self.applies_to(prompt) else float("nan")
+            float(self.judge(image.numpy(), prompt)) if self.applies_to(prompt) else float("nan")
             for image, prompt in zip(images, prompts)
         ])
+
+
+class ShapesCompositionPass(ShapesEvalPass):
+    """1 when the image passes ShapesEval's clauses with the objects' shapes left open (how many, which colours,
+    where: evals/shapes_eval.py `composition_passes`), else 0. Semantic: the composition, read before geometry."""
+
+    kind = "semantic"
+    judge = staticmethod(composition_passes)
 
 
 # ----------------------------------------------------------------------------------------------------------

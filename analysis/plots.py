@@ -57,9 +57,11 @@ def load_probe_run(run_dir: str | Path) -> ProbeRun:
 
 
 def probe_figures(run: ProbeRun) -> dict[str, Figure]:
+    fidelity = {"fidelity_curves": metric_curves(run, "fidelity")} if run.stages["rule"].get("fidelity_metrics") else {}
     return {
         "fig1a_semantic_curves": metric_curves(run, "semantic"),
         "fig1b_structural_curves": metric_curves(run, "structural"),
+        **fidelity,
         "fig1c_frequency_band_changes": band_changes(run),
         "partial_images": partial_image_strip(run),
         "power_spectra": power_spectra(run),
@@ -97,15 +99,16 @@ def scale_axis(axis: Axes, schedule: list[list[int]]) -> None:
 
 
 def metric_curves(run: ProbeRun, kind: str) -> Figure:
-    """Fig. 1 (a) or (b): each semantic or structural metric's mean over prompts, per scale."""
+    """Fig. 1 (a) or (b): each semantic or structural metric's mean over prompts, per scale; or the fidelity
+    metrics', which the stage rule does not read."""
     fig = Figure(figsize=(6, 3.6))
     axis = fig.subplots()
     for name in run.stages["rule"][f"{kind}_metrics"]:
         axis.plot(run.stages["curves"][name], marker="o", label=name)
     draw_stages(axis, run.stages)
     scale_axis(axis, run.schedule)
-    panel = "(a)" if kind == "semantic" else "(b)"
-    axis.set_title(f"{panel} {kind} metrics of each partial image vs the final image (or prompt)")
+    panel = {"semantic": "(a) ", "structural": "(b) "}.get(kind, "")
+    axis.set_title(f"{panel}{kind} metrics of each partial image vs the final image (or prompt)")
     axis.set_ylabel("mean over prompts")
     axis.legend(fontsize=7, loc="best")
     return fig

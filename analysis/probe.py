@@ -27,6 +27,9 @@ from models.bsq_vae import BSQVAE
 from models.schedules import Grid
 
 
+PROBE_SOURCES = ("model", "ground_truth")
+
+
 @dataclass
 class ProbeConfig:
     num_prompts: int = 64  # spread evenly over the prompt list
@@ -37,8 +40,11 @@ class ProbeConfig:
     strip_prompts: int = 4  # prompts whose partial images are saved for the strip figure
     chunk_rank_energies: Sequence[float] = (0.9, 0.95, 0.96, 0.99)  # alphas of the per-chunk ranks (the released
     # StageVAR's presets: rank of the centred block-chunk input at energy alpha over min(M, d))
+    source: str = "model"  # model: its own samples; ground_truth: every scale's bits from the world's renders
 
     def __post_init__(self) -> None:
+        if self.source not in PROBE_SOURCES:
+            raise UserError(f"probe.source={self.source!r}: use one of {', '.join(PROBE_SOURCES)}")
         for key in ("num_prompts", "batch_size"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise UserError(f"probe.{key}={getattr(self, key)!r} must be a positive whole number")

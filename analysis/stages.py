@@ -11,7 +11,8 @@ The rule (its tolerances are the `stages:` keys of conf/experiment/stage_probe.y
    and structure are fixed. It equals K (no refinement stage) when a curve only settles at the last scale.
 
 Semantics are expected to settle no later than structure; the rule does not assume it, and
-`semantics_settle_first` says whether a run showed it.
+`semantics_settle_first` says whether a run showed it. Fidelity curves (pixel-level metrics such as SSIM) are
+kept in stages.json beside the others but decide nothing: fidelity is what the refinement stage still changes.
 """
 
 from __future__ import annotations
@@ -93,19 +94,28 @@ def write_stages(
     structural_curves: dict[str, Sequence[float]],
     num_prompts: int,
     code_version: str,
+    fidelity_curves: dict[str, Sequence[float]] | None = None,
+    source: str = "model",
 ) -> dict:
-    """Write stages.json (the schema `load_stages` reads) and return what was written."""
+    """Write stages.json (the schema `load_stages` reads) and return what was written. `source` says whose
+    partial images the curves come from: the model's samples or the ground truth's bits."""
+    fidelity_curves = fidelity_curves or {}
     stages = {
         "model": model,
+        "source": source,
         "schedule": [list(grid) for grid in schedule],
         "semantic_end": boundaries.semantic_end,
         "structure_end": boundaries.structure_end,
         "refinement_start": boundaries.refinement_start,
         "ranks": ranks,
         "rule": {
-            **asdict(rule), "semantic_metrics": list(semantic_curves), "structural_metrics": list(structural_curves)
+            **asdict(rule), "semantic_metrics": list(semantic_curves), "structural_metrics": list(structural_curves),
+            "fidelity_metrics": list(fidelity_curves),
         },
-        "curves": {name: [float(v) for v in curve] for name, curve in {**semantic_curves, **structural_curves}.items()},
+        "curves": {
+            name: [float(v) for v in curve]
+            for name, curve in {**semantic_curves, **structural_curves, **fidelity_curves}.items()
+        },
         "num_prompts": num_prompts,
         "code_version": code_version,
     }

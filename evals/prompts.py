@@ -9,6 +9,7 @@ GenEval prompt read through `prompts.rewrite_map` keeps the benchmark's own text
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from errors import UserError
@@ -87,3 +88,10 @@ def _required(prompts_cfg: DictConfig, key: str, example: str):
     if OmegaConf.is_missing(prompts_cfg, key):
         raise UserError(f"prompts.{key} is not set: add prompts.{key}={example} to the command")
     return prompts_cfg[key]
+
+
+def spread(prompts: list[dict], count: int) -> list[dict]:
+    """`count` prompts evenly spaced over the list (suites are sorted by category, so each one gets its share)."""
+    if count >= len(prompts):
+        return prompts
+    return [prompts[i] for i in np.linspace(0, len(prompts) - 1, count).round().astype(int)]

@@ -14,6 +14,11 @@ makes reliable: objects are saturated and backgrounds are not.
   prompt passes only with exactly n).
 - Scores: a category's score is the fraction of its images that pass; overall is the mean over the
   categories present.
+- The composition reading (`composition_passes`): the same clauses with every object's shape left open,
+  so only how many objects, which colours and where are judged. An image passes when some assignment of the
+  prompt's classes to its objects (every saturated region that is no speck, a known shape or not) passes.
+  It reads what a blurred partial image already shows before its geometry is sharp: the semantic stage of
+  this world (README: "The shapes world's stages").
 
 Made for the world's default 64 x 64 images (and larger); at 32 x 32 the smallest shapes are too
 few pixels to tell apart reliably.
@@ -22,7 +27,8 @@ few pixels to tell apart reliably.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -64,7 +70,7 @@ class ShapesEvalConfig:
 
 @dataclass(frozen=True)
 class Detection:
-    shape: str
+    shape: str | None  # None: a region near no shape's signature (kept only by open_shapes detection)
     color: str
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), pixels
     confidence: float  # 0 = equally like two shapes, 1 = exactly a signature
@@ -159,8 +165,11 @@ def _classify_shape(region: np.ndarray, config: ShapesEvalConfig) -> tuple[str, 
     return SHAPES[nearest], float(1 - distances[nearest] / distances[runner_up])
 
 
-def detect_objects(image: ImageLike, config: ShapesEvalConfig = ShapesEvalConfig()) -> list[Detection]:
-    """The shapes in an image, most confident first."""
+def detect_objects(
+    image: ImageLike, config: ShapesEvalConfig = ShapesEvalConfig(), open_shapes: bool = False
+) -> list[Detection]:
+    """The shapes in an image, most confident first; with `open_shapes` also the regions that look like no
+    shape (shape None, confidence 0, last)."""
     hue, saturation, value = np.moveaxis(rgb_to_hsv(to_uint8_image(image).astype(np.float32) / 255), -1, 0)
     # Saturation ignores the fill texture's brightness, so its half-way level marks an object's true edge;
     # the chroma floor keeps noise in dark backgrounds (where saturation is unstable) out.
@@ -175,11 +184,11 @@ def detect_objects(image: ImageLike, config: ShapesEvalConfig = ShapesEvalConfig
             region = ndimage.binary_fill_holes(labels[box] == label)
             if region.sum() < min_area:
                 continue
-            shape_and_confidence = _classify_shape(region, config)
-            if shape_and_confidence is not None:
+            shape, confidence = _classify_shape(region, config) or (None, 0.0)
+            if shape is not None or open_shapes:
                 rows, columns = box
                 pixel_box = (columns.start, rows.start, columns.stop, rows.stop)
-                detections.append(Detection(shape_and_confidence[0], color, pixel_box, shape_and_confidence[1]))
+                detections.append(Detection(shape, color, pixel_box, confidence))
     return sorted(detections, key=lambda detection: -detection.confidence)
 
 
@@ -244,6 +253,24 @@ def judge_image(image: ImageLike, metadata: dict, config: ShapesEvalConfig = Sha
 
 def score_image(image: ImageLike, metadata: dict, config: ShapesEvalConfig = ShapesEvalConfig()) -> bool:
     return judge_image(image, metadata, config).correct
+
+
+# More objects than this on a two-class prompt is noise: 2^n assignments would be too many to try.
+MAX_OPEN_SHAPE_OBJECTS = 12
+
+
+def composition_passes(image: ImageLike, metadata: dict, config: ShapesEvalConfig = ShapesEvalConfig()) -> bool:
+    """GenEval's clauses with the objects' shapes left open: does some assignment of the prompt's classes to the
+    detected objects pass? Counts, colours and positions are judged; which shape each object is, is not."""
+    objects = detect_objects(image, config, open_shapes=True)
+    classes = sorted({clause["class"] for clause in metadata["include"]})
+    if len(classes) > 1 and len(objects) > MAX_OPEN_SHAPE_OBJECTS:
+        return False
+    return any(
+        not check_prompt([replace(o, shape=shape) for o, shape in zip(objects, shapes)], metadata,
+                         config.position_threshold)
+        for shapes in itertools.product(classes, repeat=len(objects))
+    )
 
 
 def evaluate(

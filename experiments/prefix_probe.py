@@ -22,13 +22,12 @@ from tqdm import tqdm
 
 from accel.sampler import SamplingConfig, generate
 from errors import UserError
-from evals.prompts import load_prompts
+from evals.prompts import load_prompts, spread
 from evals.shapes_eval import evaluate
 from evals.shapes_world import render_tensor
 from experiments.generate import sampling_config
 from experiments.config_checks import check_model, check_prompts, whole
 from experiments.recorder import RunRecorder
-from experiments.stage_probe import spread
 from models.pipeline import TextToImageModel, build_model
 
 log = logging.getLogger(__name__)
@@ -75,12 +74,18 @@ def prefix_images(
     images: list[list[np.ndarray]] = [[] for _ in range(len(model.schedule) + 1)]
     for batch_index, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc="prefix probe")):
         texts = [item["prompt"] for item in prompts[start : start + batch_size]]
-        with torch.no_grad():
-            _, true_bits = model.vae.quantize(model.vae.encode(ground_truth[start : start + batch_size]), model.schedule)
+        true_bits = ground_truth_bits(model, ground_truth[start : start + batch_size])
         for forced, forced_images in enumerate(images):
             result = generate(model, texts, sampling, seed=seed + batch_index, forced_bits=true_bits[:forced])
             forced_images += list(result.images.numpy())
     return images
+
+
+def ground_truth_bits(model: TextToImageModel, renders: torch.Tensor) -> list[torch.Tensor]:
+    """Every scale's bits (B, h, w, bits) of world renders (from world_renders), quantised by the model's VAE."""
+    with torch.no_grad():
+        _, bits = model.vae.quantize(model.vae.encode(renders), model.schedule)
+    return bits
 
 
 def world_renders(prompts: list[dict], model: TextToImageModel, seed: int) -> torch.Tensor:

@@ -1,7 +1,11 @@
 """stage_probe: what each scale contributes, and where the semantic, structure and refinement stages begin.
 
 Each prompt batch is generated once by the one sampler with a ScaleTrace observer (analysis/probe.py), then
-measured and dropped. The run folder holds everything the notebook needs to redraw the figures:
+measured and dropped. With `probe.source=ground_truth` every scale's bits are the ground truth's instead (the
+world's renders quantised by the model's VAE; shapes-world prompts only): the partial images are the world's
+own, and the stages found are those of the world, its VAE and the metrics, whatever the transformer has learnt
+(it still runs, so its ranks are measured, but on inputs it did not choose). The run folder holds everything
+the notebook needs to redraw the figures:
     results.jsonl    one row per prompt and scale: metrics vs the final image or prompt, band changes, ranks
     stages.json      boundaries, ranks r_k, the curves they were decided on (analysis/stages.py)
     spectra.json     mean power spectra and singular-value energies per scale, and the probe's settings
@@ -20,7 +24,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -32,8 +35,10 @@ from analysis.rows import INPUTS, scale_means
 from analysis.spectra import band_labels
 from analysis.stages import StageRule, detect_stages, write_stages
 from errors import UserError
+from evals.prompts import spread
 from experiments.config_checks import check_model, check_prompts
 from experiments.generate import sampling_config
+from experiments.prefix_probe import ground_truth_bits, world_renders
 from experiments.recorder import RunRecorder
 from models.pipeline import build_model, missing_model_files, resolve_device, schedule_and_transformer
 
@@ -61,6 +66,9 @@ class ProbeSettings:
             raise UserError(
                 f"stages.ranks.energy={rank_choice.energy} must be one of probe.rank_energies={list(probe.rank_energies)}"
             )
+        if probe.source == "ground_truth" and cfg.prompts.name != "shapes_eval":
+            raise UserError("probe.source=ground_truth renders the shapes world, so it needs prompts=shapes_eval, "
+                            f"not prompts={cfg.prompts.name}")
         prompts = spread(check_prompts(cfg), probe.num_prompts)
         metrics = applicable_metrics(build_metrics(cfg.metrics, resolve_device(cfg.device)), prompts)
         require_files(cfg.model, metrics)
@@ -82,18 +90,20 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     prompts, metrics = settings.prompts, settings.metrics
     model = build_model(cfg.model, cfg.device)
     sampling = sampling_config(cfg.model)
-    log.info("%s: probing %d prompts with %s", cfg.model.name, len(prompts), ", ".join(metrics))
+    log.info("%s: probing %d prompts (%s) with %s", cfg.model.name, len(prompts), probe.source, ", ".join(metrics))
 
     processes = recorder.processes
     starts = range(0, len(prompts), probe.batch_size)
     processes.warn_if_idle(len(starts))
+    renders = world_renders(prompts, model, cfg.seed) if probe.source == "ground_truth" else None
     batch_spectra: dict[int, RunningMeans] = {}  # batch number -> its power spectra and singular-value energies
     for number in tqdm(processes.share(len(starts)), desc=f"stage probe ({probe.batch_size} per batch)",
                        disable=not processes.is_main):
         batch = prompts[starts[number] : starts[number] + probe.batch_size]
         trace = ScaleTrace(model.vae, blocks, chunk_starts=[chunk[0].index for chunk in model.transformer.chunks])
         texts = [p["prompt"] for p in batch]
-        generate(model, texts, sampling, seed=cfg.seed + number, observers=[trace], decode=False)
+        forced = () if renders is None else ground_truth_bits(model, renders[starts[number] : starts[number] + len(batch)])
+        generate(model, texts, sampling, seed=cfg.seed + number, observers=[trace], decode=False, forced_bits=forced)
         batch_spectra[number] = RunningMeans()
         for row in measure(trace, batch, metrics, probe, batch_spectra[number]):
             recorder.log_partial(row)
@@ -112,13 +122,14 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
 
     schedule = model.schedule
     curves = {name: scale_means(rows, name, len(schedule)) for name in metrics}
-    semantic = {name: curve for name, curve in curves.items() if metrics[name].kind == "semantic"}
-    structural = {name: curve for name, curve in curves.items() if metrics[name].kind == "structural"}
-    boundaries = detect_stages(semantic, structural, rule)
+    by_kind = {kind: {name: curve for name, curve in curves.items() if metrics[name].kind == kind}
+               for kind in ("semantic", "structural", "fidelity")}
+    boundaries = detect_stages(by_kind["semantic"], by_kind["structural"], rule)
     ranks = rank_summary(rows, rank_choice, schedule, probe.chunk_rank_energies)
     stages = write_stages(
-        recorder.run_dir / "stages.json", model=cfg.model.name, schedule=schedule, boundaries=boundaries,
-        ranks=ranks, rule=rule, semantic_curves=semantic, structural_curves=structural,
+        recorder.run_dir / "stages.json", model=cfg.model.name, source=probe.source, schedule=schedule,
+        boundaries=boundaries, ranks=ranks, rule=rule, semantic_curves=by_kind["semantic"],
+        structural_curves=by_kind["structural"], fidelity_curves=by_kind["fidelity"],
         num_prompts=len(prompts), code_version=code_version(),
     )
     write_spectra(recorder.run_dir / "spectra.json", spectra, probe, blocks, len(schedule), model.image_size)
@@ -134,10 +145,11 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
             for k, (h, w) in enumerate(schedule)
         ],
     )
-    log.info("stages of %s (semantic_end=%d, structure_end=%d, refinement_start=%d):\n%s", cfg.model.name,
-             boundaries.semantic_end, boundaries.structure_end, boundaries.refinement_start, table)
+    log.info("stages of %s, %s (semantic_end=%d, structure_end=%d, refinement_start=%d):\n%s", cfg.model.name,
+             probe.source, boundaries.semantic_end, boundaries.structure_end, boundaries.refinement_start, table)
     return {
         "model": cfg.model.name,
+        "source": probe.source,
         "num_prompts": len(prompts),
         "metrics": list(metrics),
         "semantic_end": boundaries.semantic_end,
@@ -148,13 +160,6 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         "stages_file": str(recorder.run_dir / "stages.json"),
         "code_version": stages["code_version"],
     }
-
-
-def spread(prompts: list[dict], count: int) -> list[dict]:
-    """`count` prompts evenly spaced over the list (suites are sorted by category, so each one gets its share)."""
-    if count >= len(prompts):
-        return prompts
-    return [prompts[i] for i in np.linspace(0, len(prompts) - 1, count).round().astype(int)]
 
 
 def applicable_metrics(metrics: dict[str, Metric], prompts: list[dict]) -> dict[str, Metric]:

@@ -86,7 +86,7 @@ def test_a_failing_process_fails_the_run_with_its_error_shown_once(checkpoint: P
 
 def test_two_processes_probe_the_stages_of_one(checkpoint: Path, tmp_path: Path):
     probe = ["experiment=stage_probe", f"model.checkpoint_dir={checkpoint}", "probe.num_prompts=3",
-             "probe.batch_size=1", "probe.strip_prompts=2", "metrics.names=[shapes_eval,ssim]", "logger=none",
+             "probe.batch_size=1", "probe.strip_prompts=2", "metrics.names=[shapes_composition,shapes_eval]", "logger=none",
              "device=cpu"]
     run_py(*probe, f"paths.output_root={tmp_path / 'one'}")
     result = torchrun(2, *probe, f"paths.output_root={tmp_path / 'two'}")

@@ -7,7 +7,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from analysis.metrics import GMSD, MSSSIM, SSIM, STLPIPS, ShapesEvalPass, build_metrics, missing_files
+from analysis.metrics import (
+    GMSD, MSSSIM, SSIM, STLPIPS, ShapesCompositionPass, ShapesEvalPass, build_metrics, missing_files,
+)
 from errors import UserError
 from evals.shapes_eval import load_suite
 from evals.shapes_world import render
@@ -75,27 +77,38 @@ def test_arrays_and_lists_of_images_are_accepted_and_wrong_inputs_refused():
         SSIM()(images, smooth_images(2, size=32))
 
 
-def test_shapes_eval_passes_ground_truth_renders_and_skips_other_prompts():
+@pytest.mark.parametrize("metric", [ShapesEvalPass(), ShapesCompositionPass()], ids=["shapes_eval", "shapes_composition"])
+def test_shapes_metrics_pass_ground_truth_renders_and_skip_other_prompts(metric):
     suite = load_suite()[:: len(load_suite()) // 4][:4]
     rng = np.random.default_rng(0)
     renders = np.stack([render(item, rng) for item in suite])
-    metric = ShapesEvalPass()
     assert metric(renders, suite).tolist() == [1.0] * 4
     assert metric(renders[:1], [{"prompt": "a photo of a bench", "tag": "single_object", "include": [{"class": "bench", "count": 1}]}]).isnan().all()
     assert metric.applies_to(suite[0]) and not metric.applies_to({"prompt": "a red cube"})
 
 
+def test_the_composition_metric_passes_a_scene_whose_shapes_are_wrong():
+    square = {"tag": "colors", "include": [{"class": "square", "count": 1, "color": "red"}], "prompt": "a photo of a red square"}
+    circle = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a photo of a red circle"}
+    red_circle = render(circle, np.random.default_rng(0))[None]
+    assert ShapesCompositionPass()(red_circle, [square]).tolist() == [1.0]
+    assert ShapesEvalPass()(red_circle, [square]).tolist() == [0.0]
+
+
 def test_the_offline_suite_is_the_default_and_builds_without_weights():
     metrics = build_metrics(metrics_config())
-    assert list(metrics) == ["shapes_eval", "ssim", "ms_ssim", "gmsd", "st_lpips"]
+    assert list(metrics) == ["shapes_composition", "shapes_eval", "ms_ssim", "st_lpips", "ssim", "gmsd"]
     assert missing_files(metrics) == []
-    assert {metrics[name].kind for name in metrics} == {"semantic", "structural"}
+    kinds = {name: metric.kind for name, metric in metrics.items()}
+    assert kinds == {"shapes_composition": "semantic", "shapes_eval": "structural", "ms_ssim": "structural",
+                     "st_lpips": "structural", "ssim": "fidelity", "gmsd": "fidelity"}
 
 
 def test_an_unknown_metric_name_lists_the_valid_ones():
     with pytest.raises(UserError, match="unknown metric.*'sharpness'") as error:
         build_metrics(metrics_config("metrics.names=[ssim,sharpness]"))
-    for valid in ("clip_image", "clip_text", "dino", "lpips", "dists", "ssim", "ms_ssim", "gmsd", "st_lpips", "shapes_eval"):
+    for valid in ("clip_image", "clip_text", "dino", "lpips", "dists", "ssim", "ms_ssim", "gmsd", "st_lpips", "shapes_eval",
+                  "shapes_composition"):
         assert valid in str(error.value)
 
 

@@ -9,7 +9,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from nbclient import NotebookClient
 
+import numpy as np
 from omegaconf import OmegaConf
+
+from accel.sampler import to_uint8
 
 from accel.policies import ModelSpec, build_policy
 from analysis.plots import load_probe_run
@@ -17,7 +20,9 @@ from analysis.ranks import aggregate_rank
 from analysis.rows import rank_key, scale_means
 from analysis.stages import load_stages, settling_scale
 from errors import UserError
+from evals.prompts import load_prompts, spread
 from experiments import stage_probe
+from experiments.prefix_probe import world_renders
 from experiments.recorder import RunRecorder
 from models.checkpoint import save_safetensors
 from models.pipeline import TINY_FILES
@@ -41,20 +46,28 @@ def run_probe(cfg, run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A probe run of 2 prompts in batches of 1, with the default (offline) metrics."""
-    checkpoint = tmp_path_factory.mktemp("small_checkpoint")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("small_checkpoint")
     model = small_model(CONFIG_64PX)
     for part in ("transformer", "vae", "text_encoder"):
-        save_safetensors(getattr(model, part).state_dict(), checkpoint / f"{part}.safetensors", {})
-    (checkpoint / "config.json").write_text(json.dumps(CONFIG_64PX))
+        save_safetensors(getattr(model, part).state_dict(), folder / f"{part}.safetensors", {})
+    (folder / "config.json").write_text(json.dumps(CONFIG_64PX))
+    return folder
+
+
+def probe_run(checkpoint: Path, folder: Path, *overrides: str) -> Path:
+    """A probe run of 2 prompts in batches of 1, with the default (offline) metrics."""
     cfg = probe_config(
         f"model.checkpoint_dir={checkpoint}", f"probe.num_prompts={NUM_PROMPTS}", "probe.batch_size=1",
-        "probe.strip_prompts=2",
+        "probe.strip_prompts=2", *overrides,
     )
-    folder = tmp_path_factory.mktemp("run")
     run_probe(cfg, folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return probe_run(checkpoint, tmp_path_factory.mktemp("run"))
 
 
 def test_the_run_folder_holds_rows_stages_and_figures(run_dir: Path):
@@ -68,7 +81,8 @@ def test_the_run_folder_holds_rows_stages_and_figures(run_dir: Path):
     for key in ("semantic_end", "structure_end", "refinement_start"):
         assert summary[key] == stages[key]
     assert sorted(path.stem for path in (run_dir / "figures").glob("*.png")) == sorted([
-        "fig1a_semantic_curves", "fig1b_structural_curves", "fig1c_frequency_band_changes", "partial_images",
+        "fig1a_semantic_curves", "fig1b_structural_curves", "fidelity_curves", "fig1c_frequency_band_changes",
+        "partial_images",
         "power_spectra", "singular_value_spectra", "rank_fraction",
     ])
     strip = load_probe_run(run_dir).strip
@@ -98,7 +112,30 @@ def test_boundaries_follow_the_rule_on_the_curves_of_the_rows(run_dir: Path):
     structure_end = max(settling_scale(stages["curves"][m], rule["structure_tolerance"]) for m in rule["structural_metrics"])
     assert (stages["semantic_end"], stages["structure_end"]) == (semantic_end, structure_end)
     assert stages["refinement_start"] == max(semantic_end, structure_end) + 1
-    assert rule["semantic_metrics"] == ["shapes_eval"]
+    assert rule["semantic_metrics"] == ["shapes_composition"]
+    assert rule["structural_metrics"] == ["shapes_eval", "ms_ssim", "st_lpips"]
+    assert rule["fidelity_metrics"] == ["ssim", "gmsd"]  # drawn, but they decide no boundary
+    assert stages["source"] == "model"
+
+
+def test_the_ground_truth_probe_decodes_the_worlds_own_bits_whatever_the_sampling(checkpoint: Path, tmp_path: Path):
+    """probe.source=ground_truth: the partial images are the world renders' multi-scale codes (renders drawn with
+    the run's seed), so the last one is the VAE's reconstruction, and no sampling setting changes them."""
+    first = probe_run(checkpoint, tmp_path / "first", "probe.source=ground_truth")
+    second = probe_run(checkpoint, tmp_path / "second", "probe.source=ground_truth", "model.sampling.tau=1.0",
+                       "model.sampling.cfg=4")
+    model = small_model(CONFIG_64PX)
+    prompts = spread(load_prompts(probe_config().prompts), NUM_PROMPTS)
+    renders = world_renders(prompts, model, seed=0)
+    first_run, second_run = load_probe_run(first), load_probe_run(second)
+    for i, prompt in enumerate(prompts):
+        quantized, _ = model.vae.quantize(model.vae.encode(renders[i : i + 1]), model.schedule)
+        reconstruction = to_uint8(model.vae.decode(quantized))[0].numpy().astype(int)
+        # the sampler sums the codes its own way, so a pixel may round one level apart
+        assert np.abs(first_run.strip[prompt["index"]][-1].astype(int) - reconstruction).max() <= 2
+        for scale in range(NUM_SCALES):
+            assert np.array_equal(first_run.strip[prompt["index"]][scale], second_run.strip[prompt["index"]][scale])
+    assert first_run.stages["source"] == "ground_truth"
 
 
 def test_the_ranks_are_the_90th_percentile_over_prompts(run_dir: Path):
@@ -115,7 +152,7 @@ def test_the_notebook_redraws_every_figure_from_the_run_folder(run_dir: Path, mo
     notebook = nbformat.read(REPO / "notebooks" / "stage_probe.ipynb", as_version=4)
     NotebookClient(notebook, timeout=120, resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
-    assert sum("image/png" in output.get("data", {}) for output in outputs) == 7
+    assert sum("image/png" in output.get("data", {}) for output in outputs) == 8
     assert any("refinement_start=" in output.get("text", "") for output in outputs)
 
 
@@ -149,6 +186,8 @@ def test_a_missing_tiny_checkpoint_is_named_file_by_file(tmp_path: Path):
         (["stages.ranks.aggregate=median"], "stages.ranks.aggregate='median' is unknown"),
         (["probe.num_prompts=0"], "probe.num_prompts=0"),
         (["stages.rule.semantic_tolerance=2"], "stages.rule.semantic_tolerance=2"),
+        (["probe.source=truth"], "probe.source='truth': use one of model, ground_truth"),
+        (["probe.source=ground_truth", "prompts=list", "prompts.texts=[a red cube]"], "needs prompts=shapes_eval"),
     ],
 )
 def test_bad_settings_are_reported_before_any_compute(tmp_path: Path, overrides: list[str], message: str):

@@ -4,7 +4,7 @@ import torch
 from scipy import ndimage
 
 from errors import UserError
-from evals.shapes_eval import detect_objects, evaluate, judge_image, load_suite, score_image
+from evals.shapes_eval import composition_passes, detect_objects, evaluate, judge_image, load_suite, score_image
 from evals.shapes_world import COLORS, SHAPES, make_suite, render, texture_fields
 
 SUITE = load_suite()
@@ -59,6 +59,29 @@ def test_images_of_a_different_prompt_fail(suite_images):
     wrong_images = [render(_contradiction(metadata), rng) for metadata in SUITE]
     result = evaluate(wrong_images, SUITE)
     assert all(score <= 0.2 for score in result["per_category"].values()), result["per_category"]
+
+
+def test_the_composition_reading_leaves_shapes_open_and_judges_counts_and_colours(suite_images):
+    subset = range(0, 336, 4)
+    assert all(composition_passes(suite_images[i], SUITE[i]) for i in subset)
+    rng = np.random.default_rng(1)
+    # Contradictions change a shape (single, two objects), a count, a colour, or a relation between two objects
+    # that only their shapes tell apart, so only counts and colours can fail with shapes open.
+    judged = {"counting", "colors", "color_attr"}
+    for i in subset:
+        contradiction = _contradiction(SUITE[i])
+        image = render(contradiction, rng)
+        assert composition_passes(image, SUITE[i]) == (SUITE[i]["tag"] not in judged), (SUITE[i], contradiction)
+
+
+def test_the_composition_reading_counts_regions_that_look_like_no_shape():
+    blob = np.full((64, 64, 3), 128, np.uint8)
+    blob[20:44, 10:18] = blob[20:44, 40:48] = (220, 30, 30)  # two red bars: no shape's signature
+    assert detect_objects(blob) == []
+    assert composition_passes(blob, {"tag": "counting", "include": [{"class": "circle", "count": 2}],
+                                     "exclude": [{"class": "circle", "count": 3}], "prompt": "two circles"})
+    assert not composition_passes(blob, {"tag": "counting", "include": [{"class": "circle", "count": 3}],
+                                         "exclude": [{"class": "circle", "count": 4}], "prompt": "three circles"})
 
 
 def test_scores_are_identical_across_runs(suite_images):
