@@ -147,7 +147,7 @@ def check_continued_folder(cfg: DictConfig, folder: Path, what: str) -> None:
     current = OmegaConf.to_container(current, resolve=True)
     changed = [
         f"{key}={before!r} there, {after!r} now"
-        for key, before, after in _differences(saved, current)
+        for key, before, after in config_differences(saved, current)
         if key.split(".")[0] not in SETTINGS_THAT_MAY_CHANGE
     ]
     import torch  # here, not at the top: see check_device
@@ -161,11 +161,11 @@ def check_continued_folder(cfg: DictConfig, folder: Path, what: str) -> None:
                         + f". Continue it with its own settings (in {saved_path}), or start a new run")
 
 
-def _differences(before: Any, after: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+def config_differences(before: Any, after: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """(dotted key, before, after) of every leaf that differs between two plain configs."""
     if isinstance(before, dict) and isinstance(after, dict):
         return [difference for key in sorted(before.keys() | after.keys(), key=str)
-                for difference in _differences(before.get(key), after.get(key), f"{prefix}{key}.")]
+                for difference in config_differences(before.get(key), after.get(key), f"{prefix}{key}.")]
     return [] if before == after else [(prefix.rstrip("."), before, after)]
 
 

@@ -1,4 +1,5 @@
-"""train_tiny: train the embedded default model on the shapes world, from scratch, on a CPU or a GPU.
+"""train_tiny: train the embedded default model on the shapes world, from scratch or on from an exported model, on
+a CPU or a GPU.
 
 Phase 1 trains the BSQ-VAE (reconstruction through the multi-scale quantiser, straight-through gradients).
 Phase 2 freezes it and trains the Infinity transformer and the word-level text encoder with teacher forcing
@@ -11,6 +12,10 @@ saved; `train.resume=<run folder>` continues from it. A phase's `max_minutes` ca
 learning-rate schedule then follows elapsed time or steps, whichever is further along, so a capped phase still
 ends with its rate decayed. At the end the weights are exported as safetensors (`train.export_dtype`) with
 config.json to `train.export_dir` (checkpoints/tiny by default).
+
+`train.init_from=<model folder>` starts instead from an exported model of the same architecture (fresh optimisers
+and step counters, the phases' own warm-up). `train.vae.steps` must then be 0: the VAE stays as it is, as the
+transformer trained on it needs.
 
 On CUDA (`device=cuda`) the transformer runs under bf16 autocast, as Infinity trains, and world batches are
 drawn by `train.data_workers` processes ahead of the GPU; the same code runs in fp32 on the CPU.
@@ -41,10 +46,12 @@ from accel.sampler import SamplingConfig, generate, to_uint8
 from errors import UserError
 from evals.shapes_eval import evaluate, load_suite
 from evals.shapes_world import BACKGROUND_SATURATION_MAX, VOCABULARY, render_tensor, sample_batch
-from experiments.config_checks import number, positive_wholes, whole
+from experiments.config_checks import config_differences, number, positive_wholes, whole
 from experiments.recorder import RunRecorder
 from models.checkpoint import save_safetensors
-from models.pipeline import REPO_ROOT, TextToImageModel, resolve_device, tiny_from_config
+from models.pipeline import (
+    REPO_ROOT, TINY_FILES, TextToImageModel, load_tiny, resolve_device, tiny_from_config, tiny_paths,
+)
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
@@ -57,9 +64,18 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     device = resolve_device(cfg.device)
     if device.type == "cuda":  # TF32 for the parts that stay in fp32 (the VAE)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model_config = {**OmegaConf.to_container(train.arch, resolve=True), "vocabulary": VOCABULARY}
-    model = tiny_from_config(model_config, "tiny", device)
-    model.transformer.init_weights()
+    model_config = arch_config(train)
+    # A resumed run's state keeps the folder its weights started from, and that folder's training record.
+    state = {"vae": 0, "transformer": 0, "seconds": 0.0, "init_from": None, "previous_training": None}
+    if train.init_from is None:
+        model = tiny_from_config(model_config, "tiny", device)
+        model.transformer.init_weights()
+    else:  # check() has compared the folder's architecture with train.arch
+        folder = repo_path(train.init_from)
+        model = load_tiny("tiny", device, str(folder))
+        state["init_from"] = str(folder)
+        state["previous_training"] = json.loads((folder / "config.json").read_text()).get("training")
+        log.info("starting from the weights of %s", folder)
     optimizers = {
         "vae": torch.optim.AdamW(model.vae.parameters(), lr=train.vae.lr, weight_decay=0.0),
         "transformer": torch.optim.AdamW(
@@ -67,7 +83,6 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
             lr=train.transformer.lr, weight_decay=train.transformer.weight_decay, betas=(0.9, 0.95),
         ),
     }
-    state = {"vae": 0, "transformer": 0, "seconds": 0.0}
     if train.resume:
         state = load_state(Path(train.resume) / STATE_FILE, model, optimizers)
         carry_over_results(Path(train.resume) / "results.jsonl", recorder, state)
@@ -80,13 +95,25 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
                 vae_scores = vae_reconstruction_scores(model, cfg.seed)
                 log.info("ShapesEval of VAE reconstructions: %.3f %s", vae_scores["overall"], vae_scores["per_category"])
 
-    export_dir = REPO_ROOT / train.export_dir if not os.path.isabs(train.export_dir) else Path(train.export_dir)
+    export_dir = repo_path(train.export_dir)
     export(model, model_config, export_dir, cfg, state, getattr(torch, train.export_dtype))
     recorder.save_figure(loss_curves(recorder.run_dir / "results.jsonl"), "loss_curves")
     return {
-        "export_dir": str(export_dir), "steps": {k: state[k] for k in PHASES}, "train_seconds": state["seconds"],
+        "export_dir": str(export_dir), "init_from": state.get("init_from"), "steps": {k: state[k] for k in PHASES},
+        "train_seconds": state["seconds"],
         "vae_reconstruction_shapes_eval": {k: vae_scores[k] for k in ("overall", "per_category")},
     }
+
+
+def arch_config(train: DictConfig) -> dict:
+    """The architecture part of config.json: train.arch and the world's vocabulary."""
+    return {**OmegaConf.to_container(train.arch, resolve=True), "vocabulary": VOCABULARY}
+
+
+def repo_path(path: str) -> Path:
+    """A folder setting (export_dir, init_from): relative paths are under the repository, whatever the working
+    folder."""
+    return Path(path) if os.path.isabs(path) else REPO_ROOT / path
 
 
 def train_phase(
@@ -96,6 +123,8 @@ def train_phase(
     """Run `phase` from step `state[phase]` to its last, logging every `train.log_every` steps and saving the
     state every `train.checkpoint_every` and when a stop is requested (then raising KeyboardInterrupt)."""
     train, phase_cfg, step_fn, optimizer = cfg.train, cfg.train[phase], PHASES[phase], optimizers[phase]
+    if not phase_cfg.steps:  # train.vae.steps=0: the VAE of train.init_from stays as it is
+        return
     modules = [model.vae] if phase == "vae" else [model.transformer, model.text_encoder]
     for module in modules:
         module.train()
@@ -132,8 +161,7 @@ def train_phase(
             break
     for module in modules:
         module.eval()
-    if phase_cfg.steps:
-        save_samples(model, recorder, phase, cfg.seed)
+    save_samples(model, recorder, phase, cfg.seed)
 
 
 def world_batches(
@@ -333,8 +361,10 @@ def check(cfg: DictConfig) -> None:
     for key in ("threads", "data_workers"):
         whole(f"train.{key}", train[key], minimum=0)
     positive_wholes(train, "train", ["log_every", "checkpoint_every"])
+    whole("train.vae.steps", train.vae.steps, minimum=0, why=" (0: keep the VAE of train.init_from)")
+    positive_wholes(train.vae, "train.vae", ["batch_size"])
+    positive_wholes(train.transformer, "train.transformer", ["steps"])
     for phase in PHASES:
-        positive_wholes(train[phase], f"train.{phase}", ["steps", "batch_size"] if phase == "vae" else ["steps"])
         whole(f"train.{phase}.warmup", train[phase].warmup, minimum=0)
         number(f"train.{phase}.lr", train[phase].lr, 0, 1, low_open=True)
         if train[phase].max_minutes is not None:
@@ -356,6 +386,52 @@ def check(cfg: DictConfig) -> None:
                 f"train.transformer.curriculum entry {dict(entry)}: batch_size must be >= 1 and scales null "
                 f"(all) or 1..{num_scales} (the schedule's length)"
             )
+    if train.init_from is not None:
+        if train.resume is not None:
+            raise UserError("train.init_from and train.resume together: train.resume restores the interrupted run's "
+                            "weights, and the folder they started from; drop train.init_from")
+        check_init_from(train)
+    check_vae_steps(train)
+
+
+def check_init_from(train: DictConfig) -> None:
+    """train.init_from is an exported model of train.arch's architecture (load_strict would refuse another, but
+    only once the run had started)."""
+    paths = tiny_paths(train.init_from, TINY_FILES)  # relative to the repository, as repo_path
+    if missing := [str(path) for path in paths.values() if not path.is_file()]:
+        raise UserError(f"train.init_from={train.init_from!r} is not an exported tiny model: it lacks "
+                        f"{', '.join(missing)}; pass a folder train_tiny exported, e.g. checkpoints/tiny")
+    wanted = arch_config(train)
+    saved = json.loads(paths["config"].read_text())
+    if differences := config_differences({key: saved.get(key) for key in wanted}, wanted):
+        key, there, here = differences[0]
+        source, advice = (
+            ("the shapes world's vocabulary", "the world's words changed since its export: train a model anew")
+            if key == "vocabulary" else
+            (f"train.arch.{key}", "set train.arch to the folder's config (its schedule, transformer, vae and "
+                                  "text_encoder) to continue it")
+        )
+        raise UserError(f"train.init_from={train.init_from!r} has another architecture than this run: {key} is "
+                        f"{there!r} in {paths['config']} but {here!r} in {source}; {advice}")
+
+
+def check_vae_steps(train: DictConfig) -> None:
+    """The VAE trains on a fresh model only: a transformer is trained to predict its VAE's bits, so a VAE trained
+    again under a trained transformer would leave it predicting bits of another code."""
+    if train.resume is None:
+        origin = train.init_from
+    else:  # the folder the resumed run started from, if any
+        state = torch.load(Path(train.resume) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)["state"]
+        origin = state.get("init_from")
+    if origin is None and train.vae.steps == 0:
+        raise UserError("train.vae.steps=0 keeps the VAE of train.init_from=<model folder>, but this run starts from "
+                        "a fresh model, whose VAE must train: set train.vae.steps >= 1, or train.init_from")
+    if origin is not None and train.vae.steps > 0:
+        raise UserError(
+            f"train.vae.steps={train.vae.steps}, but the weights start from the trained model {origin}: training its "
+            "VAE again would change the bits its transformer predicts, and so invalidate the transformer; pass "
+            "train.vae.steps=0"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -435,7 +511,8 @@ def export(
         save_safetensors(weights, folder / f"{part}.safetensors", metadata)
     config = {
         **model_config,
-        "training": {"command": launch_command(),
+        "training": {"command": launch_command(), "init_from": state.get("init_from"),
+                     "previous": state.get("previous_training"),  # the training record of init_from's model
                      "device": str(model.device), "steps": {k: state[k] for k in ("vae", "transformer")},
                      "train_seconds": round(state["seconds"]), "settings": OmegaConf.to_container(cfg.train, resolve=True)},
     }

@@ -6,8 +6,10 @@
 #   bash scripts/gpu_wheels.sh                      # once, here: the packages the GPU image lacks
 #   device run: bash scripts/gpu_train.sh           # carry [".whl"], timeout_s 600
 #
-# Results go to $OUT (the device tool's folder; outputs/gpu_train elsewhere): tiny/ (the four model files, ready
-# for checkpoints/tiny), runs.tar.gz (the run folders without images) and log.txt: 6 files, well under 16 MB each.
+# Results go to $OUT (the device tool's folder; outputs/gpu_train elsewhere): tiny/ (the model files, ready for
+# checkpoints/tiny), runs.tar.gz (the run folders without images) and log.txt. The device tool returns files of up
+# to 16 MiB, so a weights file over 15 MB (the fp16 transformer is ~18 MB) comes back in 15 MB parts; rejoin with
+#   cat tiny/transformer.safetensors.part-* > tiny/transformer.safetensors && rm tiny/transformer.safetensors.part-*
 # Extra arguments are overrides for the training run, e.g. a CPU smoke run:
 #   bash scripts/gpu_train.sh device=cpu train.data_workers=1 train.vae.steps=2 train.transformer.steps=2
 set -euo pipefail
@@ -23,7 +25,7 @@ device=$(python3 -c "import json; print(json.load(open('$out/tiny/config.json'))
 python3 run.py experiment=generate "${common[@]}" "device=$device" generate.fid=false "hydra.run.dir=$runs/generate"
 python3 run.py experiment=generate "${common[@]}" "device=$device" generate.fid=false model.sampling.cfg=1 \
     "hydra.run.dir=$runs/generate_cfg1"
-python3 run.py experiment=stage_probe "${common[@]}" "device=$device" 'metrics.names=[shapes_eval,ssim,ms_ssim,gmsd]' \
+python3 run.py experiment=stage_probe "${common[@]}" "device=$device" 'metrics.names=[shapes_composition,shapes_eval,ms_ssim,ssim,gmsd]' \
     "hydra.run.dir=$runs/stage_probe"
 python3 - "$runs" <<'PY'
 import json, sys
@@ -36,3 +38,6 @@ print("stages:", {k: probe[k] for k in ("semantic_end", "structure_end", "refine
 PY
 tar czf "$out/runs.tar.gz" --exclude=images --exclude=train_state.pt -C "$out" runs
 rm -rf "$runs"
+for weights in "$out"/tiny/*.safetensors; do
+    if [ "$(stat -c %s "$weights")" -gt 15000000 ]; then split -b 15M -d "$weights" "$weights.part-" && rm "$weights"; fi
+done

@@ -1,4 +1,5 @@
-"""train_tiny: smoke runs of both phases (CPU preset and GPU preset), export, loading, resuming, time caps, the loss weights."""
+"""train_tiny: smoke runs of both phases (CPU preset and GPU preset), export, loading, resuming, starting from an
+exported model, time caps, the loss weights."""
 
 import json
 import signal
@@ -10,13 +11,14 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from accel.sampler import SamplingConfig, generate
+from errors import UserError
 from evals.shapes_world import render
 from experiments import train_tiny
 from experiments.recorder import RunRecorder
-from models.pipeline import load_tiny
+from models.pipeline import load_tiny, tiny_from_config
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 SMALL_ARCH = [
@@ -34,10 +36,15 @@ SMALL_ARCH = [
 ]
 
 
-def train(run_dir: Path, export_dir: Path, steps: int, *extra: str) -> dict:
-    overrides = [f"train.vae.steps={steps}", f"train.transformer.steps={steps}", f"train.export_dir={export_dir}"]
+def small_run_config(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", ["experiment=train_tiny", *SMALL_ARCH, *overrides, *extra])
+        return compose("config", ["experiment=train_tiny", *SMALL_ARCH, *overrides])
+
+
+def train(run_dir: Path, export_dir: Path, steps: int, *extra: str) -> dict:
+    cfg = small_run_config(f"train.vae.steps={steps}", f"train.transformer.steps={steps}",
+                           f"train.export_dir={export_dir}", *extra)
+    train_tiny.check(cfg)  # as run.py does before any run
     with RunRecorder(cfg, run_dir) as recorder:
         summary = train_tiny.run(cfg, recorder)
         recorder.finish(summary)
@@ -63,6 +70,75 @@ def test_a_resumed_run_continues_where_the_interrupted_one_stopped(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "second" / "results.jsonl").read_text().splitlines()]
     # The first run's rows up to its checkpoint come along, so the loss curves cover the whole training.
     assert [(r["phase"], r["step"]) for r in rows] == [("vae", 1), ("transformer", 1), ("vae", 2), ("transformer", 2)]
+
+
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory) -> Path:
+    """A 1-step run (its folder `run`) and its exported model (`tiny`), for the runs that start from it."""
+    root = tmp_path_factory.mktemp("one_step")
+    train(root / "run", root / "tiny", steps=1)
+    return root
+
+
+def test_a_run_from_an_exported_model_keeps_its_vae_and_trains_its_transformer_on(one_step, tmp_path):
+    lr, warmup = 1e-3, 10
+    summary = train(tmp_path / "run", tmp_path / "tiny", 1, f"train.init_from={one_step / 'tiny'}",
+                    "train.vae.steps=0", f"train.transformer.lr={lr}", f"train.transformer.warmup={warmup}")
+    assert summary["steps"] == {"vae": 0, "transformer": 1} and summary["init_from"] == str(one_step / "tiny")
+    assert "overall" in summary["vae_reconstruction_shapes_eval"]  # scored for the kept VAE
+    figures = {path.name for path in (tmp_path / "run" / "figures").iterdir()}
+    assert "samples_transformer.png" in figures and "samples_vae.png" not in figures
+
+    def weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
+        return safetensors.torch.load_file(folder / f"{part}.safetensors")
+
+    before = {part: weights(one_step / "tiny", part) for part in ("transformer", "vae", "text_encoder")}
+    after = {part: weights(tmp_path / "tiny", part) for part in before}
+    assert all(torch.equal(after["vae"][name], tensor) for name, tensor in before["vae"].items())
+    # Adam's first step moves each weight by at most its learning rate (here lr / warmup; weight decay adds
+    # lr * 0.01 * |w|): every weight is within that of the folder's, not of a fresh initialisation.
+    moves = [(after[part][name] - tensor).abs().max().item()
+             for part in ("transformer", "text_encoder") for name, tensor in before[part].items()]
+    assert 0 < max(moves) <= 1.1 * lr / warmup
+
+    training = json.loads((tmp_path / "tiny" / "config.json").read_text())["training"]
+    assert training["init_from"] == str(one_step / "tiny")
+    assert training["previous"] == json.loads((one_step / "tiny" / "config.json").read_text())["training"]
+    # Resuming this run keeps its VAE too: its state knows where its weights started.
+    with pytest.raises(UserError, match="pass train.vae.steps=0"):
+        train_tiny.check(small_run_config(f"train.resume={tmp_path / 'run'}", "train.vae.steps=1"))
+    train_tiny.check(small_run_config(f"train.resume={tmp_path / 'run'}", "train.vae.steps=0"))
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("train.arch.schedule=[1,2,4,6]", "schedule is [1, 2, 4, 8] in"),
+     ("train.arch.vae.base_ch=16", "vae.base_ch is 8 in")],
+)
+def test_init_from_a_model_of_another_architecture_is_refused_before_training(one_step, override, named):
+    cfg = small_run_config(f"train.init_from={one_step / 'tiny'}", "train.vae.steps=0", override)
+    with pytest.raises(UserError, match="set train.arch to the folder's config") as error:
+        train_tiny.check(cfg)
+    assert named in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.vae.steps=1"], "training its VAE again would change the bits its transformer predicts"),
+        (["train.vae.steps=0", "train.resume={run}"], "train.init_from and train.resume together"),
+        (["train.vae.steps=0", "train.init_from=/no/such/model"], "is not an exported tiny model"),
+    ],
+)
+def test_init_from_refuses_vae_training_resuming_and_a_folder_without_a_model(one_step, overrides, message):
+    overrides = [f"train.init_from={one_step / 'tiny'}", *(o.format(run=one_step / "run") for o in overrides)]
+    with pytest.raises(UserError, match=message):
+        train_tiny.check(small_run_config(*overrides))
+
+
+def test_only_a_run_from_an_exported_model_may_skip_the_vae_phase():
+    with pytest.raises(UserError, match="train.vae.steps=0 keeps the VAE of train.init_from"):
+        train_tiny.check(small_run_config("train.vae.steps=0"))
 
 
 def test_self_correction_flips_a_per_sample_fraction_of_the_bits_up_to_the_maximum():
@@ -121,6 +197,18 @@ def test_the_gpu_preset_runs_on_the_cpu_with_worker_processes_and_exports_fp16(t
     model = load_tiny("tiny", torch.device("cpu"), str(tmp_path / "tiny"))
     assert next(model.transformer.parameters()).dtype == torch.float32
     assert json.loads((tmp_path / "tiny" / "config.json").read_text())["training"]["device"] == "cpu"
+
+
+def test_the_gpu_preset_draws_the_images_of_the_cpu_preset():
+    """train_tiny_gpu inherits train_tiny's schedule, so its own VAE must have the same stride."""
+    models = {}
+    for experiment in ("train_tiny", "train_tiny_gpu"):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("config", [f"experiment={experiment}"])
+        train_tiny.check(cfg)
+        models[experiment] = tiny_from_config(train_tiny.arch_config(cfg.train), experiment, torch.device("cpu"))
+    assert models["train_tiny_gpu"].schedule == models["train_tiny"].schedule
+    assert models["train_tiny_gpu"].image_size == models["train_tiny"].image_size == (64, 64)
 
 
 def test_worker_processes_draw_the_same_batches_as_the_training_process():
