@@ -82,6 +82,8 @@ def draw_stages(axis: Axes, stages: dict) -> None:
     for stage, (start, end) in spans.items():
         if end > start:
             axis.axvspan(start, end, color=STAGE_COLORS[stage], alpha=0.08, label=f"{stage} stage")
+        else:  # said in the legend, so a figure never hides that a stage was not found
+            axis.axvspan(0, 0, color=STAGE_COLORS[stage], alpha=0.0, label=f"no {stage} stage found")
     for boundary in sorted({semantic_end + 0.5, refinement_start - 0.5}):
         if boundary < num_scales - 0.5:
             axis.axvline(boundary, color="0.3", linestyle="--", linewidth=0.8)

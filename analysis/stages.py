@@ -54,6 +54,12 @@ class StageBoundaries:
     def semantics_settle_first(self) -> bool:
         return self.semantic_end <= self.structure_end
 
+    def empty_stages(self, num_scales: int) -> list[str]:
+        """The stages that hold no scale: structure when it settles with semantics, refinement when a curve
+        settles only at the last scale."""
+        empty = ["structure"] if self.refinement_start <= self.semantic_end + 1 else []
+        return empty + (["refinement"] if self.refinement_start >= num_scales else [])
+
     def stage(self, scale: int) -> str:
         """The stage a scale belongs to: semantic, structure or refinement."""
         if scale <= self.semantic_end:

@@ -147,7 +147,15 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     )
     log.info("stages of %s, %s (semantic_end=%d, structure_end=%d, refinement_start=%d):\n%s", cfg.model.name,
              probe.source, boundaries.semantic_end, boundaries.structure_end, boundaries.refinement_start, table)
+    warnings = [
+        f"no {stage} stage: " + ("structure settles with semantics" if stage == "structure" else
+                                 "a curve settles only at the last scale, so no scale is left to accelerate")
+        for stage in boundaries.empty_stages(len(schedule))
+    ]
+    for warning in warnings:
+        log.warning("%s (the curves are in %s)", warning, recorder.run_dir / "stages.json")
     return {
+        "warnings": warnings,
         "model": cfg.model.name,
         "source": probe.source,
         "num_prompts": len(prompts),

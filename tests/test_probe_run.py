@@ -18,7 +18,7 @@ from accel.policies import ModelSpec, build_policy
 from analysis.plots import load_probe_run
 from analysis.ranks import aggregate_rank
 from analysis.rows import rank_key, scale_means
-from analysis.stages import load_stages, settling_scale
+from analysis.stages import StageBoundaries, load_stages, settling_scale
 from errors import UserError
 from evals.prompts import load_prompts, spread
 from experiments import stage_probe
@@ -80,6 +80,10 @@ def test_the_run_folder_holds_rows_stages_and_figures(run_dir: Path):
     assert summary["status"] == "complete" and stages["num_prompts"] == NUM_PROMPTS
     for key in ("semantic_end", "structure_end", "refinement_start"):
         assert summary[key] == stages[key]
+    boundaries = StageBoundaries(stages["semantic_end"], stages["structure_end"], stages["refinement_start"])
+    assert [warning.split(":")[0] for warning in summary["warnings"]] == [
+        f"no {stage} stage" for stage in boundaries.empty_stages(NUM_SCALES)  # an empty stage is said, not hidden
+    ]
     assert sorted(path.stem for path in (run_dir / "figures").glob("*.png")) == sorted([
         "fig1a_semantic_curves", "fig1b_structural_curves", "fidelity_curves", "fig1c_frequency_band_changes",
         "partial_images",

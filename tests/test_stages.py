@@ -60,6 +60,13 @@ def test_refinement_waits_for_semantics_when_structure_settles_first():
 def test_a_curve_settling_only_at_the_last_scale_leaves_no_refinement_stage():
     boundaries = detect_stages({"clip": RISING_FAST}, {"ssim": [0.0] * 6 + [1.0]}, StageRule())
     assert boundaries.refinement_start == 7
+    assert boundaries.empty_stages(7) == ["refinement"]
+
+
+def test_empty_stages_are_named():
+    assert StageBoundaries(2, 5, 6).empty_stages(7) == []
+    assert StageBoundaries(5, 2, 6).empty_stages(7) == ["structure"]  # structure settled with semantics
+    assert StageBoundaries(6, 6, 7).empty_stages(7) == ["structure", "refinement"]  # one stage: semantic only
 
 
 @pytest.mark.parametrize("curve", [[], [0.1, float("nan"), 0.3]])
@@ -91,6 +98,7 @@ def test_stages_file_round_trip_has_the_documented_keys(tmp_path):
     assert (loaded["semantic_end"], loaded["structure_end"], loaded["refinement_start"]) == (2, 5, 6)
     assert loaded["rule"]["semantic_metrics"] == ["clip_image"] and loaded["rule"]["structure_tolerance"] == 0.1
     assert loaded["curves"] == {"clip_image": RISING_FAST, "lpips": FALLING_LATE}
+    assert loaded["source"] == "model" and loaded["rule"]["fidelity_metrics"] == []
     assert loaded["ranks"]["per_scale"][-1] == 16
 
 
