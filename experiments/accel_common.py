@@ -102,7 +102,9 @@ def methods_from(specs: Sequence[DictConfig]) -> list[Method]:
     labels = [spec.label for spec in specs]
     if BASELINE in labels or len(set(labels)) < len(labels):
         raise UserError(f"method labels must be unique and not {BASELINE!r} (the baseline always runs); got {labels}")
-    return [Method(spec.label, accel_option(spec.accel, spec.get("overrides"))) for spec in specs]
+    # Overrides resolve against the whole config first, so they may name other keys (benchmark.stages_file).
+    return [Method(spec.label, accel_option(spec.accel, OmegaConf.to_container(spec.overrides, resolve=True)
+                                            if spec.get("overrides") else None)) for spec in specs]
 
 
 # ----------------------------------------------------------------------------------------------------------

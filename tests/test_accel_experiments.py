@@ -11,6 +11,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from accel.policies import ModelSpec, build_policy
+from analysis.stages import StageBoundaries, StageRule, write_stages
 from errors import UserError
 from experiments.accel_common import (
     ParetoPoint,
@@ -124,6 +126,22 @@ def test_analytic_infinity_2b_speedups_follow_what_each_method_leaves_out():
     # Dropping CFG halves the refinement scales, which hold most of the compute; low rank halves it again and more.
     assert 1.5 < rows["cfg_drop"]["mac_speedup"] < 2.0 < rows["stagevar"]["mac_speedup"]
     assert all(row["mac_speedup"] > 1 for name, row in rows.items() if name != "baseline")
+
+
+def test_benchmark_stages_file_sets_the_refinement_start_of_the_stage_aware_methods(tmp_path: Path):
+    schedule = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]
+    write_stages(tmp_path / "stages.json", model="tiny", schedule=schedule, boundaries=StageBoundaries(1, 2, 3),
+                 ranks={"per_scale": [1, 2, 4, 6, 8]}, rule=StageRule(), semantic_curves={}, structural_curves={},
+                 num_prompts=1, code_version="test")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", ["experiment=benchmark", f"benchmark.stages_file={tmp_path / 'stages.json'}"])
+    spec = ModelSpec("tiny", schedule, depth=2)
+    policies = {method.label: build_policy(method.accel, spec) for method in methods_from(cfg.benchmark.methods)}
+    assert policies["cfg_drop"].refinement_start == policies["stagevar"].refinement_start == 3  # the probe's
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        default = compose("config", ["experiment=benchmark"])
+    policies = {method.label: build_policy(method.accel, spec) for method in methods_from(default.benchmark.methods)}
+    assert policies["cfg_drop"].refinement_start == len(schedule) - 3  # the paper's last 3
 
 
 # ----------------------------------------------------------------------------------------------------------
