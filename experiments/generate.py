@@ -77,10 +77,11 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     images = image_set.load(recorder.run_dir / "images")
     summary: dict = {"model": cfg.model.name, "num_images": len(images), "samples_per_prompt": per_prompt,
                      "image_size": list(model.image_size)}
-    shown, passed = cfg.generate.contact_sheet_size, None
+    shown = contact_sheet_positions(len(samples), cfg.generate.contact_sheet_size)
+    passed = None
     if cfg.prompts.name == "shapes_eval":
         summary["shapes_eval"] = shapes_eval_table(images, samples, recorder)
-        passed = summary["shapes_eval"]["correct"][:shown]
+        passed = [summary["shapes_eval"]["correct"][i] for i in shown]
         if cfg.generate.fid:
             try:
                 summary["fid_vs_world"] = fid_against_world(images, samples, cfg.seed, torch.device(cfg.device))
@@ -88,8 +89,9 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
             except MetricUnavailable as reason:
                 log.warning("METRIC LEFT OUT: fid (%s)", reason)
                 summary["unavailable_metrics"] = {"fid": str(reason)}
-    captions = [sample["prompt"] for sample in samples[:shown]]
-    recorder.save_figure(caption_grid(images[:shown], captions, cfg.generate.grid_columns, passed), "contact_sheet")
+    captions = [samples[i]["prompt"] for i in shown]
+    recorder.save_figure(caption_grid([images[i] for i in shown], captions, cfg.generate.grid_columns, passed),
+                         "contact_sheet")
     if cfg.prompts.name in BENCHMARK_LAYOUTS:
         folder = recorder.run_dir / cfg.prompts.name
         export_benchmark_layout(cfg.prompts.name, folder, prompts, images, per_prompt)
@@ -97,6 +99,12 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         log.info("%s layout written to %s: score it with the official scorer, then bring the scores back with "
                  "experiment=import_scores", cfg.prompts.name, folder)
     return summary
+
+
+def contact_sheet_positions(count: int, size: int) -> list[int]:
+    """Which of `count` images the contact sheet shows: `size` of them spread over the run (suites are sorted by
+    category), not the first ones, so every category shows."""
+    return np.linspace(0, count - 1, min(size, count)).round().astype(int).tolist()
 
 
 def shapes_eval_table(images: list, prompts: list[dict], recorder: RunRecorder) -> dict:
