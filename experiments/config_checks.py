@@ -20,6 +20,7 @@ import contextlib
 import difflib
 import importlib
 import io
+import math
 import shutil
 import socket
 import sys
@@ -182,11 +183,12 @@ def whole(key: str, value: Any, minimum: int = 0, why: str = "") -> int:
 
 def number(key: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False,
            why: str = "") -> float:
-    """`value` as a number in the interval low..high (open ends where said), or an error naming the key."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    """`value` as a finite number in the interval low..high (open ends where said), or an error naming the key.
+    inf and nan are refused whatever the bounds: no setting means them (an unbounded key uses null for "none")."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not is_number or value < low or value > high or (low_open and value == low) or (high_open and value == high):
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise UserError(f"{key}={value!r} must be a number in {interval}{why}")
+        raise UserError(f"{key}={value!r} must be a finite number in {interval}{why}")
     return float(value)
 
 
@@ -293,9 +295,11 @@ def check_model(cfg: DictConfig) -> None:
     model = cfg.model
     whole("model.batch_size", model.batch_size, minimum=1, why=" (images generated at once)")
     sampling = model.sampling
-    number("model.sampling.cfg", sampling.cfg, 0, float("inf"), why=" (1 = no guidance; the official scripts use 3)")
-    number("model.sampling.tau", sampling.tau, 0, float("inf"), low_open=True,
-           why=" (the logits are multiplied by 1/tau; small = sharper)")
+    # Bounds that keep the guided, tempered logits finite in fp32 and bf16 (logits * cfg / tau), far beyond any
+    # setting in use (cfg 1-5, tau 0.1-1); greedy sampling is top_k=1, not a vanishing tau.
+    number("model.sampling.cfg", sampling.cfg, 0, 100, why=" (1 = no guidance; the official scripts use 3)")
+    number("model.sampling.tau", sampling.tau, 1e-3, 100,
+           why=" (the logits are multiplied by 1/tau; small = sharper; for greedy sampling use top_k=1)")
     whole("model.sampling.top_k", sampling.top_k, minimum=0, why=" (0 = off)")
     number("model.sampling.top_p", sampling.top_p, 0, 1, why=" (0 = off)")
     if missing := missing_model_files(model):

@@ -40,6 +40,10 @@ def refused(capsys: pytest.CaptureFixture, output_root: Path, *overrides: str) -
         (["experiment=stage_probe", "model.batch_size=0"], "model.batch_size=0"),  # not the probe's derived key
         (["experiment=generate", "model.sampling.tau=0"], "model.sampling.tau=0"),
         (["experiment=generate", "model.sampling.cfg=-5"], "model.sampling.cfg=-5"),
+        (["experiment=generate", "model.sampling.cfg=inf"], "model.sampling.cfg=inf"),  # crashed mid-sampling
+        (["experiment=generate", "model.sampling.cfg=nan"], "model.sampling.cfg=nan"),
+        (["experiment=generate", "model.sampling.tau=1e-40"], "model.sampling.tau=1e-40"),  # 1/tau overflows
+        (["experiment=train_tiny", "train.vae.max_minutes=inf"], "train.vae.max_minutes=inf"),
         (["experiment=generate", "model.sampling.top_p=2"], "model.sampling.top_p=2"),
         (["experiment=generate", "device=banana"], "device='banana'"),
         (["experiment=generate", "model.files.transformer=/no/such/transformer.safetensors"],
