@@ -146,18 +146,26 @@ class WordTextEncoder(nn.Module):
         for prompt in prompts:
             words = _WORD.findall(prompt.lower())
             ids = [self.word_ids.get(word, UNK_ID) for word in words] + [EOS_ID]
-            if words and all(token == UNK_ID for token in ids[:-1]):
-                logger.warning(
-                    "prompt %r has no word this text encoder knows, so the model sees no text: its image is "
-                    "unconditional. The shapes world's words are colours, shapes, counts and relations "
-                    "(e.g. 'a red cube left of a blue sphere').", prompt[:100]
-                )
+            self._warn_unknown_words(prompt, words)
             if len(ids) > self.max_length:
                 _warn_truncated(prompt, len(ids), self.max_length)
                 ids = ids[: self.max_length - 1] + [EOS_ID]
             rows.append(torch.tensor(ids))
         token_ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD_ID)
         return token_ids, torch.tensor([len(row) for row in rows])
+
+    def _warn_unknown_words(self, prompt: str, words: list[str]) -> None:
+        """Say what the model will not read: every unknown word, and a prompt it reads nothing of."""
+        unknown = sorted({word for word in words if word not in self.word_ids})
+        known_words = ("The shapes world's words are colours, shapes, counts and relations "
+                       "(e.g. 'a red circle left of a blue square').")
+        if not words or len(unknown) == len(set(words)):
+            what = "is empty" if not words else "has no word this text encoder knows"
+            logger.warning("prompt %r %s, so the model sees no text: its image is unconditional. %s",
+                           prompt[:100], what, known_words)
+        elif unknown:
+            logger.warning("prompt %r has words this text encoder does not know, which it reads as one unknown "
+                           "token: %s. %s", prompt[:100], ", ".join(unknown), known_words)
 
     def forward(self, token_ids: Tensor, lengths: Tensor) -> Tensor:
         """(B, L) ids and (B,) lengths -> features (B, L, width), zero at padding."""

@@ -87,13 +87,16 @@ def test_word_tokenizer_splits_on_non_letters_and_maps_unknown_words():
     assert lengths.tolist() == [4, 1, 3]
 
 
-def test_a_prompt_without_a_known_word_is_warned_about(caplog):
+def test_unknown_words_and_prompts_the_model_reads_nothing_of_are_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="models.text_encoder"):
-        word_encoder().tokenize(["a red cube", ""])
-    assert not caplog.text  # a known word, and no words at all (the empty prompt): nothing to warn about
+        word_encoder().tokenize(["a red cube"])
+    assert not caplog.text  # every word known: nothing to warn about
     with caplog.at_level(logging.WARNING, logger="models.text_encoder"):
-        word_encoder().tokenize(["purple dodecahedrons"])
+        word_encoder().tokenize(["purple dodecahedrons", "", "a red cone and a cone and a blue sphere"])
     assert "'purple dodecahedrons' has no word this text encoder knows" in caplog.text
+    assert "prompt '' is empty, so the model sees no text" in caplog.text
+    assert "'a red cone and a cone and a blue sphere' has words this text encoder does not know" in caplog.text
+    assert "unknown token: and, cone." in caplog.text  # each unknown word named, once
 
 
 def test_word_encoder_pads_with_zeros_and_is_batch_independent():
