@@ -158,7 +158,7 @@ def power_spectra(run: ProbeRun) -> Figure:
     radii = np.asarray(run.spectra["radii"])
     colors = colormaps["viridis"](np.linspace(0, 1, len(run.schedule)))
     for scale, (power, color) in enumerate(zip(run.spectra["power_spectrum"], colors)):
-        axis.loglog(radii[1:], power[1:], color=color, label=f"scale {scale}")
+        axis.loglog(radii[1:], power[1:], color=color, label=f"grid {grid_label(run.schedule[scale])}")
     axis.set_xlabel("frequency (x Nyquist)")
     axis.set_ylabel("mean power")
     axis.set_title("power spectra of the partial images")
@@ -175,7 +175,8 @@ def singular_value_spectra(run: ProbeRun) -> Figure:
     for axis, source in zip(axes[0], sources):
         for scale, (energy, color) in enumerate(zip(run.spectra["cumulative_energy"][source], colors)):
             tokens = run.schedule[scale][0] * run.schedule[scale][1]
-            axis.plot(np.arange(1, len(energy) + 1) / tokens, energy, color=color, label=f"scale {scale}")
+            axis.plot(np.arange(1, len(energy) + 1) / tokens, energy, color=color,
+                      label=f"grid {grid_label(run.schedule[scale])}")
         for level in run.spectra["rank_energies"]:
             axis.axhline(level, color="0.5", linestyle=":", linewidth=0.8)
         axis.set_xscale("log")

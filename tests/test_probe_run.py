@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from accel.sampler import to_uint8
 
 from accel.policies import ModelSpec, build_policy
-from analysis.plots import load_probe_run
+from analysis.plots import load_probe_run, probe_figures
 from analysis.ranks import aggregate_rank
 from analysis.rows import rank_key, scale_means
 from analysis.stages import StageBoundaries, load_stages, settling_scale
@@ -91,6 +91,13 @@ def test_the_run_folder_holds_rows_stages_and_figures(run_dir: Path):
     ])
     strip = load_probe_run(run_dir).strip
     assert len(strip) == 2 and all(len(images) == NUM_SCALES for images in strip.values())  # across both batches
+
+
+def test_the_spectra_figures_name_scales_by_their_grid_side_as_every_other_figure(run_dir: Path):
+    figures = probe_figures(load_probe_run(run_dir))
+    for name in ("power_spectra", "singular_value_spectra"):
+        labels = [text.get_text() for text in figures[name].axes[-1].get_legend().get_texts()]
+        assert labels == [f"grid {side}" for side in CONFIG_64PX["schedule"]], name
 
 
 def test_the_released_stagevar_takes_its_per_chunk_ranks_from_the_probe(run_dir: Path):
