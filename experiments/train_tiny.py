@@ -148,6 +148,8 @@ def train_phase(
         state[seconds_key] += elapsed
         out_of_time = state[seconds_key] >= budget
         row = {"phase": phase, "step": step + 1, **{k: v.item() for k, v in losses.items()}}
+        if "curriculum" in phase_cfg:  # the scales the step trained on: losses of different prefixes differ
+            row["scales"] = curriculum_entry(phase_cfg, step).scales or len(model.schedule)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if (step + 1) % train.log_every == 0 or out_of_time:
             recorder.log(row)
@@ -528,12 +530,18 @@ def launch_command() -> str:
 
 
 def loss_curves(results_path: Path):
+    """Each phase's logged loss against the step; the transformer's one line per curriculum prefix."""
     rows = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for axis, phase in zip(axes, ("vae", "transformer")):
-        points = [(r["step"], r["loss"]) for r in rows if r.get("phase") == phase]
-        if points:
-            axis.plot(*zip(*points))
+        by_prefix: dict[int | None, list[tuple[int, float]]] = {}
+        for row in rows:
+            if row.get("phase") == phase:
+                by_prefix.setdefault(row.get("scales"), []).append((row["step"], row["loss"]))
+        for scales, points in sorted(by_prefix.items(), key=lambda item: item[0] or 0):
+            axis.plot(*zip(*points), label=None if scales is None else f"first {scales} scales")
+        if len(by_prefix) > 1:
+            axis.legend(fontsize=7)
         axis.set(title=f"{phase} loss", xlabel="step", yscale="log")
     fig.tight_layout()
     return fig

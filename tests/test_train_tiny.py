@@ -56,6 +56,8 @@ def test_two_step_training_exports_a_loadable_model(tmp_path):
     assert summary["steps"] == {"vae": 2, "transformer": 2}
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["step"]) for r in rows] == [("vae", 1), ("vae", 2), ("transformer", 1), ("transformer", 2)]
+    # Each transformer row says which prefix its step trained on (the curriculum: 2 scales, then all 4).
+    assert [r.get("scales") for r in rows] == [None, None, 2, 4]
     assert (tmp_path / "run" / "figures" / "loss_curves.png").exists()
 
     model = load_tiny("tiny", torch.device("cpu"), str(tmp_path / "tiny"))
