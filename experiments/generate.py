@@ -24,7 +24,7 @@ from accel.sampler import SamplingConfig
 from analysis.fid import InceptionFeatures, MetricUnavailable, frechet_distance
 from errors import UserError
 from evals.prompt_files import BENCHMARK_LAYOUTS, export_benchmark_layout
-from evals.prompts import load_prompts
+from evals.prompts import load_prompts, spread
 from evals.shapes_eval import evaluate
 from evals.shapes_world import render
 from experiments.config_checks import check_model, check_prompts, flag, positive_wholes
@@ -104,7 +104,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
 def contact_sheet_positions(count: int, size: int) -> list[int]:
     """Which of `count` images the contact sheet shows: `size` of them spread over the run (suites are sorted by
     category), not the first ones, so every category shows."""
-    return np.linspace(0, count - 1, min(size, count)).round().astype(int).tolist()
+    return spread(list(range(count)), size)
 
 
 def shapes_eval_table(images: list, prompts: list[dict], recorder: RunRecorder) -> dict:
