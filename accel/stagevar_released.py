@@ -153,7 +153,8 @@ class ChunkRepresentatives:
         if self.sketch == "selection":
             tokens = gather_tokens(x, positions)
         else:
-            projection = torch.randn(rows, x.shape[1], rank, generator=generator, device=x.device) / rank**0.5
+            # Times 1/sqrt(r), as the release scales it: the quotient by sqrt(r) rounds differently.
+            projection = torch.randn(rows, x.shape[1], rank, generator=generator, device=x.device) * (1 / rank**0.5)
             with torch.autocast(x.device.type, enabled=False):
                 tokens = (projection.transpose(1, 2) @ x.float()).to(x.dtype)  # Q^T X: r mixtures of all N tokens
         first = torch.arange(rank, device=x.device)
@@ -187,11 +188,6 @@ def preset_ratios(alpha: float, position: int, num_chunks: int) -> list[float]:
     key = format(alpha, "g") if format(alpha, "g") in presets else f"{alpha:.2f}"
     if key not in presets:
         raise UserError(f"accel.alpha={alpha} has no rank preset; the release has {', '.join(presets)}")
-    if str(position) not in presets[key]:
-        raise UserError(
-            f"accel.alpha={alpha} has presets for the scales at {sorted(map(int, presets[key]))} from the end only; "
-            f"the scale at {position} needs alpha 0.96, or ranks=probe (or keep the released skip_last: 2)"
-        )
     return chunk_shares(presets[key][str(position)], num_chunks)
 
 

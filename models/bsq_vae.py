@@ -349,7 +349,9 @@ class BSQVAE(nn.Module):
         With patchify, token bit k is latent channel k // 4 at sub-position ((k % 4) // 2, k % 2).
         """
         latent_bits = F.pixel_shuffle(bits.permute(0, 3, 1, 2), self.patch)
-        return self.quantizer.lfq.bits_to_codes(latent_bits)
+        # The sampler's bits are contiguous (B, h, w, d) and come out channels-last already; quantize()'s are a
+        # permuted view of (B, d, h, w) and would not (1 ulp in the resized sums of their codes).
+        return self.quantizer.lfq.bits_to_codes(latent_bits).contiguous(memory_format=torch.channels_last)
 
     def codes_to_tokens(self, latent: Tensor) -> Tensor:
         """(B, codebook_dim, h * patch, w * patch) -> transformer input (B, h * w, bits_per_token), row-major."""

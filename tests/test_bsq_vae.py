@@ -159,6 +159,19 @@ def test_patchify_bit_layout_and_round_trip():
         assert positive == [[k // 4, (k % 4) // 2, k % 2]]
 
 
+@pytest.mark.parametrize("config", [TINY, TINY_PATCHIFY])
+def test_codes_are_channels_last_whatever_the_layout_of_their_bits(config):
+    # Resizing rounds differently per memory layout: the codes of quantize()'s bits (a permuted view) must sum
+    # exactly as the codes of the sampler's contiguous bits do.
+    vae = tiny_vae(config)
+    grid = 16 // vae.patch
+    _, bits = vae.quantize(torch.randn(2, config.codebook_dim, 16, 16), [(1, 1), (grid // 2, grid // 2), (grid, grid)])
+    for scale_bits in bits:
+        codes, codes_of_copy = vae.bits_to_codes(scale_bits), vae.bits_to_codes(scale_bits.contiguous())
+        assert codes.is_contiguous(memory_format=torch.channels_last)
+        assert codes.stride() == codes_of_copy.stride() and torch.equal(codes, codes_of_copy)
+
+
 def test_resize_latent_matches_bilinear_both_ways():
     x = torch.randn(2, 4, 16, 16)
     for size in [(5, 7), (16, 16), (32, 24)]:

@@ -79,7 +79,16 @@ def test_the_presets_give_the_released_ranks_on_infinity_2b():
     assert released.ranks == {10: [27, 219, 337, 401, 410, 317, 252, 306]}  # int(ratio x 1600) + 1 at scale 40
     unskipped = build_policy(OmegaConf.merge(OmegaConf.load(CONF / "stagevar_released.yaml"), {"skip_last": 0}),
                              ModelSpec("infinity2b", schedule, 32, 8))
-    assert unskipped.ranks[12][0] == int(0.00821 * 4096) + 1  # scale 64, chunk 0
+    assert unskipped.ranks[12][0] == int(0.008212925943716094 * 4096) + 1  # scale 64, chunk 0
+
+
+def test_every_alpha_has_the_released_ranks_at_all_three_positions():
+    schedule = infinity_schedule(1.0, "1M")
+    settings = OmegaConf.merge(OmegaConf.load(CONF / "stagevar_released.yaml"), {"skip_last": 0, "alpha": 0.9})
+    released = build_policy(settings, ModelSpec("infinity2b", schedule, 32, 8))
+    # The release's alpha 0.90 ratios of chunk 0 at scales 40, 48, 64 (1600, 2304, 4096 tokens).
+    assert [released.ranks[k][0] for k in (10, 11, 12)] == [int(0.013196767631103015 * 1600) + 1,
+                                                           int(0.01123046875 * 2304) + 1, int(0.0126953125 * 4096) + 1]
 
 
 def chunk(rank: int, **switches) -> ChunkRepresentatives:
@@ -96,6 +105,19 @@ def test_the_gaussian_sketch_mixes_all_tokens_with_entries_of_variance_one_over_
     assert q.shape == (3, rank, tokens)
     assert abs(q.mean().item()) < 0.005 and q.var().item() == pytest.approx(1 / rank, rel=0.03)
     assert not torch.equal(q[0], q[1])  # a fresh Q per row
+
+
+def test_the_gaussian_sketch_is_scaled_by_the_inverse_root_of_r_like_the_release():
+    rank, tokens = 50, 400
+    x = torch.eye(tokens).expand(3, -1, -1)
+    q = chunk(rank).reduce(x, (20, 20), 0).tokens.transpose(1, 2)  # X = I: the mixtures are Q^T, exactly
+    generator = torch.Generator().manual_seed(0)  # the draws of chunk(): positions first, then Q
+    torch.multinomial(x.pow(2).sum(-1), rank, replacement=False, generator=generator)
+    gaussian = torch.randn(3, tokens, rank, generator=generator)
+    # This r tells the roundings apart: the correctly rounded quotient (in float64; a CPU's division kernel may
+    # itself multiply by the reciprocal) differs from the product somewhere.
+    assert not torch.equal((gaussian.double() / rank**0.5).float(), gaussian * (1 / rank**0.5))
+    assert torch.equal(q, gaussian * (1 / rank**0.5))
 
 
 def test_index_sampling_is_without_replacement_and_favours_large_norm_tokens():
@@ -133,8 +155,7 @@ def test_restoration_scatters_the_outputs_over_the_area_resized_previous_chunk_o
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"alpha": 0.5}, r"accel.alpha=0.5 has no rank preset; the release has 0.96, 0.999"),
-        ({"alpha": 0.9, "skip_last": 0}, r"accel.alpha=0.9 has presets for the scales at \[-3\] from the end only"),
+        ({"alpha": 0.5}, r"accel.alpha=0.5 has no rank preset; the release has 0.999, 0.99, 0.98"),
         ({"ranks": "probe"}, "accel.ranks=probe takes the per-chunk ranks from the stage probe: set accel.stages_file"),
     ],
 )
