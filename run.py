@@ -14,18 +14,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from errors import UserError
-from experiments.config_checks import experiment_module, unknown_key_hints
+from experiments.config_checks import experiment_module
 from experiments.distributed import Failure, Processes, RankFailed, launched_processes, run_start_time
+from experiments.hydra_errors import command_line_error
 from experiments.recorder import RunRecorder, finished_jobs
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
@@ -51,7 +54,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(130)
     except Exception as error:
         if not processes.several and not isinstance(error, UserError):
-            raise  # a bug in a one-process run: Hydra prints its traceback
+            raise  # a bug in a one-process run: its traceback, whole (Hydra raises it, see __main__)
         # Rank 0 prints the first failing process's error (its message, or the traceback of a bug), once.
         failure = error.failure if isinstance(error, RankFailed) else Failure.of(error, processes.rank)
         if processes.is_main:
@@ -99,17 +102,22 @@ def interrupted_message(cfg: DictConfig) -> str:
         return f"what finished is in {run_dir}" + (f"; continue it with resume={run_dir}" if resumable else "")
     sweep_dir = Path(hydra_cfg.sweep.dir)
     finished = [str(path.relative_to(sweep_dir)) for path in finished_jobs(sweep_dir)]
-    return (f"sweep {sweep_dir}: {len(finished)} job(s) finished ({', '.join(finished) or 'none'}); "
-            "launch the same command again to run the others")
+    # The same overrides name the same sweep folder (hydra_plugins/stagevar_sweeper), where finished jobs are skipped.
+    return (f"sweep {sweep_dir}: {len(finished)} job(s) finished ({', '.join(finished) or 'none'}); to run the "
+            f"others, run the same command again: {shlex.join(['python', *sys.argv])}")
 
 
 if __name__ == "__main__":
-    launched_processes()  # under torchrun: join the other processes before Hydra names the run folder
+    processes = launched_processes()  # under torchrun: join the other processes before Hydra names the run folder
+    # Hydra composes the config before any of our code runs: it raises what it refuses (a mistyped key, an unknown
+    # option, an override it cannot read) instead of printing its own text, so that we say it in our words.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
-    except SystemExit as stop:
-        # Hydra refuses a mistyped key while composing, before any of our code runs, and exits with 1.
-        if stop.code == 1 and (hints := unknown_key_hints(sys.argv[1:], CONFIG_DIR)):
-            print("\n".join(hints), file=sys.stderr)
-            sys.exit(2)
-        raise
+    except HydraException as error:
+        if (mistake := command_line_error(error, sys.argv[1:], CONFIG_DIR)) is None:
+            raise
+        failure = Failure.of(mistake, processes.rank)
+        if processes.is_main:  # every process composed the same command line
+            print(failure.report, file=sys.stderr)
+        sys.exit(failure.exit_code)

@@ -30,6 +30,7 @@ from models.schedules import Grid
 log = logging.getLogger(__name__)
 
 KeptBranch = Literal["uncond", "cond"]
+RUN_KEYS = ("name", "allow_noop")  # conf/accel keys read by the experiments, not by the policy
 RESIZE_MODES = ("area", "bilinear", "bicubic", "nearest", "nearest-exact")
 
 
@@ -57,7 +58,7 @@ class ModelSpec:
 def build_policy(accel_cfg: DictConfig, model: TextToImageModel | ModelSpec) -> Policy:
     """Instantiate `cfg.accel` for a model (or a spec, to count MACs of a model that is not loaded)."""
     spec = model if isinstance(model, ModelSpec) else ModelSpec.of(model)
-    options = OmegaConf.masked_copy(accel_cfg, [key for key in accel_cfg if key != "name"])
+    options = OmegaConf.masked_copy(accel_cfg, [key for key in accel_cfg if key not in RUN_KEYS])
     make_policy = hydra.utils.instantiate(options, _partial_=True, _convert_="all")
     return make_policy(spec=spec)  # not an instantiate argument: Hydra would turn the dataclass into a config
 
@@ -96,6 +97,13 @@ def check_choice(key: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise UserError(f"accel.{key}={value!r} is not one of {list(choices)}")
     return value
+
+
+def check_seed(seed: int) -> int:
+    """A policy's own seed (its random projections and index draws)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"accel.seed={seed!r} must be a whole number >= 0 (it seeds the policy's own draws)")
+    return seed
 
 
 def resolve_scale(spec: ModelSpec, key: str, value: int, allow_end: bool = False) -> int:

@@ -5,12 +5,16 @@ latent, runs the transformer on the planned rows and tokens, samples bits, accum
 everything to the observers. Policies decide; only this loop acts. It follows the official Infinity
 inference: tau before CFG on logits, per-bit top-k / top-p, one seeded multinomial per scale, codes
 accumulated on the final grid with 5-D trilinear resizing.
+
+`Continuations` fork a run: after a chosen scale the loop's state (KV cache, latent, CFG rows, the previous
+scale's hidden states) is copied and the rest of the run is sampled again with other random draws, by the same
+loop; the stage probe's "decided" evidence (experiments/stage_probe.py) is made of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import torch
@@ -125,11 +129,28 @@ class Observer(Protocol):
     def on_scale(self, record: ScaleRecord) -> None: ...
 
 
+@dataclass(frozen=True)
+class Continuations:
+    """Fork the run after each scale in `after` and finish it once per seed from the state reached there.
+
+    The KV cache is copied and the latent, CFG rows and previous hidden states are shared (the loop never writes
+    them in place), so the prefix is not recomputed. A continuation's draws come from a generator of its own:
+    seeded with its seed, or for None a copy of the run's generator, which makes the run's own draws again and
+    so reproduces its images bit for bit. Continuations sample every scale after the fork (no forced bits) and
+    are shown to no observer.
+    """
+
+    after: Sequence[int]
+    seeds: Sequence[int | None]
+
+
 @dataclass
 class Generation:
     images: Tensor | None  # (B, H, W, 3) uint8 RGB
     latent: Tensor  # (B, C_vae, H, W)
     bits: list[Tensor | None] = field(default_factory=list)  # per scale, None where skipped
+    # per scale forked after: the decoded images (B, H, W, 3) uint8 of each continuation, in seed order
+    continuations: dict[int, list[Tensor]] = field(default_factory=dict)
 
 
 def sample_bits(logits: Tensor, top_k: int, top_p: float, generator: torch.Generator) -> Tensor:
@@ -160,74 +181,157 @@ def generate(
     decode: bool = True,
     progress: bool = False,
     forced_bits: Sequence[Tensor] = (),
+    continuations: Continuations | None = None,
 ) -> Generation:
     """Generate one image per prompt. The same prompts, seed and plans give the same images.
 
     `forced_bits` (B, h, w, bits) per scale, for the first scales: taken instead of sampled bits (a ground-truth
-    prefix, to see where a model loses the image; experiments/prefix_probe.py).
+    prefix, to see where a model loses the image; experiments/prefix_probe.py). `continuations`: fork the run
+    (see `Continuations`); their images are decoded whatever `decode` says. Forks follow the baseline policy only:
+    a policy's plans may carry state from scale to scale (StageVAR's sketch generator, FastVAR's cached outputs)
+    that a fork would share with the run.
     """
     policy = policy or BaselinePolicy()
-    transformer, vae, schedule = model.transformer, model.vae, model.schedule
+    if continuations is not None and not isinstance(policy, BaselinePolicy):
+        raise ValueError(f"continuations follow the baseline policy, not {type(policy).__name__}")
     batch = len(prompts)
-    cfg, tau = sampling.per_scale("cfg", len(schedule)), sampling.per_scale("tau", len(schedule))
-    use_cfg = any(c != 1.0 for c in cfg)
-    generator = torch.Generator(model.device).manual_seed(seed)
-    capture = {block for observer in observers for block in observer.capture_blocks}
-
+    run = _Run.of(model, sampling, batch, policy, observers)
     text_tokens = model.text_encoder.encode(prompts)
     features, lengths = text_tokens.features.to(model.device), text_tokens.lengths.to(model.device)
-    text = transformer.encode_text(features, lengths, with_null=use_cfg)
-    branches: Branches = "both" if use_cfg else "cond"
-    cache = KVCache(transformer.config.depth, capacity=sum(h * w for h, w in schedule))
-    ropes = [transformer.rope(grid, model.rope_grid) for grid in schedule]  # once, on the device
-    final_size = (schedule[-1][0] * vae.patch, schedule[-1][1] * vae.patch)
-    latent = vae.zero_latent(batch, final_size, model.device)
-    previous_outputs: list[Tensor | None] = []  # per block chunk, of the previous executed scale (restore reads them)
+    state = _State(
+        text=model.transformer.encode_text(features, lengths, with_null=run.use_cfg),
+        branches="both" if run.use_cfg else "cond",
+        cache=KVCache(model.transformer.config.depth, capacity=sum(h * w for h, w in model.schedule)),
+        latent=model.vae.zero_latent(batch, run.final_size, model.device),
+        generator=torch.Generator(model.device).manual_seed(seed),
+    )
+    forked = _run_scales(run, state, 0, observers, forced_bits, continuations, progress)
+    images = to_uint8(model.vae.decode(state.latent)) if decode else None
+    return Generation(images, state.latent, state.bits, forked)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What stays fixed through one generate() call, forks included."""
+
+    model: TextToImageModel
+    sampling: SamplingConfig
+    batch: int
+    cfg: list[float]
+    tau: list[float]
+    policy: Policy
+    ropes: list[Rope]  # per scale, made once on the device
+    final_size: tuple[int, int]  # of the latent
+    capture: set[int]  # blocks whose outputs observers asked for
+
+    @property
+    def use_cfg(self) -> bool:
+        return any(c != 1.0 for c in self.cfg)
+
+    @classmethod
+    def of(
+        cls, model: TextToImageModel, sampling: SamplingConfig, batch: int, policy: Policy,
+        observers: Sequence[Observer],
+    ) -> _Run:
+        schedule, vae = model.schedule, model.vae
+        return cls(
+            model, sampling, batch, sampling.per_scale("cfg", len(schedule)), sampling.per_scale("tau", len(schedule)),
+            policy, [model.transformer.rope(grid, model.rope_grid) for grid in schedule],
+            (schedule[-1][0] * vae.patch, schedule[-1][1] * vae.patch),
+            {block for observer in observers for block in observer.capture_blocks},
+        )
+
+
+@dataclass
+class _State:
+    """What the loop carries from one scale to the next: what a fork copies."""
+
+    text: TextCondition
+    branches: Branches
+    cache: KVCache
+    latent: Tensor
+    generator: torch.Generator
+    # per block chunk, the outputs of the previous executed scale, and its grid (token restoration reads them)
+    previous_outputs: list[Tensor | None] = field(default_factory=list)
     previous_grid: Grid | None = None
-    all_bits: list[Tensor | None] = []
+    bits: list[Tensor | None] = field(default_factory=list)
 
-    for k, grid in enumerate(tqdm(schedule, desc="scales", leave=False, disable=not progress)):
-        plan = policy.plan(k, grid, schedule)
-        if plan.skip:
-            all_bits.append(None)
-            _notify(observers, ScaleRecord(k, grid, plan, None, None, {}, None, None, latent, cache.lengths()))
-            continue
-        if use_cfg and plan.branches != branches:
-            if branches != "both":
-                raise ValueError(f"scale {k}: cannot run branches={plan.branches!r} after dropping to {branches!r}")
-            rows = _rows(plan.branches, batch)
-            text = text.rows(rows)
-            previous_outputs = [None if output is None else output[rows] for output in previous_outputs]
-            cache.keep_rows(rows)
-            branches = plan.branches
+    def fork(self, generator: torch.Generator) -> _State:
+        """The same state with a KV cache and bit list of its own (the only parts written in place) and `generator`."""
+        return replace(self, cache=self.cache.copy(), generator=generator, bits=list(self.bits))
 
-        if k == 0:
-            inputs = transformer.start_tokens(text)
-        else:
-            code_tokens = vae.codes_to_tokens(resize_latent(latent, (grid[0] * vae.patch, grid[1] * vae.patch)))
-            inputs = transformer.embed_tokens(code_tokens).repeat(text.num_rows // batch, 1, 1)
 
-        with model.autocast():
-            outputs, block_hidden = _run_chunks(
-                transformer, transformer.add_level(inputs, k), grid, text, ropes[k], cache, plan.router or run_on_all_tokens,
-                plan.token_subset, previous_outputs, previous_grid, capture,
-            )
-        hidden = outputs[-1]
-        logits = transformer.head_logits(hidden, text) * (1 / tau[k])  # as the official code: rounds unlike / tau
-        if branches == "both":
-            logits = cfg[k] * logits[:batch] + (1 - cfg[k]) * logits[batch:]
+def _run_scales(
+    run: _Run, state: _State, first: int, observers: Sequence[Observer], forced_bits: Sequence[Tensor],
+    continuations: Continuations | None, progress: bool,
+) -> dict[int, list[Tensor]]:
+    """The scale loop: scales first .. K-1 on `state`. -> per scale forked after, the continuations' images."""
+    forks = set(continuations.after) if continuations is not None else set()
+    forked: dict[int, list[Tensor]] = {}
+    for k in tqdm(range(first, len(run.model.schedule)), desc="scales", leave=False, disable=not progress):
+        _run_scale(run, state, k, observers, forced_bits)
+        if k in forks:
+            forked[k] = [_continue(run, state, k, continuation_seed) for continuation_seed in continuations.seeds]
+    return forked
 
-        if k < len(forced_bits):
-            bits = forced_bits[k].to(model.device)
-        else:
-            bits = sample_bits(logits, sampling.top_k, sampling.top_p, generator).view(batch, *grid, -1)
-        latent = latent + resize_latent(vae.bits_to_codes(bits), final_size)
-        all_bits.append(bits)
-        previous_outputs, previous_grid = outputs, grid
-        _notify(observers, ScaleRecord(k, grid, plan, inputs, hidden, block_hidden, logits, bits, latent, cache.lengths()))
 
-    images = to_uint8(vae.decode(latent)) if decode else None
-    return Generation(images, latent, all_bits)
+def _continue(run: _Run, state: _State, fork_scale: int, seed: int | None) -> Tensor:
+    """Finish the run from `state` (reached after `fork_scale`) on a fork of it -> its decoded images."""
+    generator = torch.Generator(state.generator.device)
+    if seed is None:
+        generator.set_state(state.generator.get_state())
+    else:
+        generator.manual_seed(seed)
+    tail = state.fork(generator)
+    _run_scales(run, tail, fork_scale + 1, observers=(), forced_bits=(), continuations=None, progress=False)
+    return to_uint8(run.model.vae.decode(tail.latent))
+
+
+def _run_scale(run: _Run, state: _State, k: int, observers: Sequence[Observer], forced_bits: Sequence[Tensor]) -> None:
+    """Scale k: plan, transformer, bits, latent; `state` moves on to the next scale."""
+    model, batch, schedule = run.model, run.batch, run.model.schedule
+    transformer, vae, grid = model.transformer, model.vae, schedule[k]
+    plan = run.policy.plan(k, grid, schedule)
+    if plan.skip:
+        state.bits.append(None)
+        _notify(observers, ScaleRecord(k, grid, plan, None, None, {}, None, None, state.latent, state.cache.lengths()))
+        return
+    if run.use_cfg and plan.branches != state.branches:
+        if state.branches != "both":
+            raise ValueError(f"scale {k}: cannot run branches={plan.branches!r} after dropping to {state.branches!r}")
+        rows = _rows(plan.branches, batch)
+        state.text = state.text.rows(rows)
+        state.previous_outputs = [None if output is None else output[rows] for output in state.previous_outputs]
+        state.cache.keep_rows(rows)
+        state.branches = plan.branches
+    text = state.text
+
+    if k == 0:
+        inputs = transformer.start_tokens(text)
+    else:
+        code_tokens = vae.codes_to_tokens(resize_latent(state.latent, (grid[0] * vae.patch, grid[1] * vae.patch)))
+        inputs = transformer.embed_tokens(code_tokens).repeat(text.num_rows // batch, 1, 1)
+
+    with model.autocast():
+        outputs, block_hidden = _run_chunks(
+            transformer, transformer.add_level(inputs, k), grid, text, run.ropes[k], state.cache,
+            plan.router or run_on_all_tokens, plan.token_subset, state.previous_outputs, state.previous_grid,
+            run.capture,
+        )
+    hidden = outputs[-1]
+    logits = transformer.head_logits(hidden, text) * (1 / run.tau[k])  # as the official code: rounds unlike / tau
+    if state.branches == "both":
+        logits = run.cfg[k] * logits[:batch] + (1 - run.cfg[k]) * logits[batch:]
+
+    if k < len(forced_bits):
+        bits = forced_bits[k].to(model.device)
+    else:
+        bits = sample_bits(logits, run.sampling.top_k, run.sampling.top_p, state.generator).view(batch, *grid, -1)
+    state.latent = state.latent + resize_latent(vae.bits_to_codes(bits), run.final_size)
+    state.bits.append(bits)
+    state.previous_outputs, state.previous_grid = outputs, grid
+    _notify(observers, ScaleRecord(k, grid, plan, inputs, hidden, block_hidden, logits, bits, state.latent,
+                                   state.cache.lengths()))
 
 
 def _run_chunks(

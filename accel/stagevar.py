@@ -39,6 +39,7 @@ from accel.policies import (
     KeptBranch,
     ModelSpec,
     check_choice,
+    check_seed,
     count_from_end,
     first_refinement_scale,
     gather_tokens,
@@ -81,9 +82,9 @@ class StageVARPolicy:
         self.indices = check_choice("indices", indices, ("uniform_grid", "topk_norm", "leverage", "random"))
         self.restore_mode = check_choice("restore_mode", restore_mode, RESIZE_MODES)
         self.restore_from = check_choice("restore_from", restore_from, ("previous", "representatives"))
-        self.seed = seed
-        if not 0 < rank_ratio <= 1:
-            raise UserError(f"accel.rank_ratio={rank_ratio} must be in (0, 1]: the share r / M of tokens kept")
+        self.seed = check_seed(seed)
+        if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, (int, float)) or not 0 < rank_ratio <= 1:
+            raise UserError(f"accel.rank_ratio={rank_ratio!r} must be in (0, 1]: the share r / M of tokens kept")
         check_choice("ranks", ranks, ("ratio", "probe"))
         if ranks == "probe" and stages is None:
             raise UserError("accel.ranks=probe takes the ranks from the stage probe: set accel.stages_file")

@@ -37,6 +37,7 @@ from accel.policies import (
     RESIZE_MODES,
     ModelSpec,
     check_choice,
+    check_seed,
     count_from_end,
     gather_tokens,
     resize_tokens,
@@ -89,7 +90,7 @@ class ReleasedStageVARPolicy:
         self.rope_positions = check_choice("rope_positions", rope_positions, ("first_r", "indices"))
         self.restore = check_choice("restore", restore, RESIZE_MODES)
         check_choice("ranks", ranks, ("preset", "probe"))
-        self.seed = seed
+        self.seed = check_seed(seed)
         reduced, num_chunks = list(range(self.first_reduced, self.first_skipped)), spec.block_chunks
         if ranks == "probe":
             if not stages_file:

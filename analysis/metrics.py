@@ -151,8 +151,9 @@ class MSSSIM(Metric):
 
     def __init__(self, kernel_size: int = 11, device: str | torch.device = "cpu"):
         super().__init__(device)
-        if kernel_size < 3 or kernel_size % 2 == 0:
-            raise UserError(f"MS-SSIM kernel_size={kernel_size} must be an odd number >= 3")
+        if not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
+            raise UserError(f"metrics.catalog.ms_ssim.kernel_size={kernel_size!r} must be an odd number >= 3 (MS-SSIM's "
+                            "Gaussian window)")
         self.kernel_size = kernel_size
 
     def levels(self, size: int) -> int:

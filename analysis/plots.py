@@ -3,8 +3,9 @@
     run = load_probe_run("outputs/stage_probe/<run>")
     figures = probe_figures(run)   # {name: matplotlib Figure}
 
-Every plot against the scale index shades the detected stages and marks their boundaries. Figures are made
-without pyplot, so nothing is shown or kept open until a caller decides to.
+Every plot against the scale index shades the detected stages and marks their boundaries: the visible ones
+beside visible curves, the decided ones beside the continuation probe's. Figures are made without pyplot, so
+nothing is shown or kept open until a caller decides to.
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def load_probe_run(run_dir: str | Path) -> ProbeRun:
 
 def probe_figures(run: ProbeRun) -> dict[str, Figure]:
     fidelity = {"fidelity_curves": metric_curves(run, "fidelity")} if run.stages["rule"].get("fidelity_metrics") else {}
+    decided = {"visible_vs_decided": visible_vs_decided(run)} if run.stages.get("decided") else {}
     return {
         "fig1a_semantic_curves": metric_curves(run, "semantic"),
         "fig1b_structural_curves": metric_curves(run, "structural"),
         **fidelity,
+        **decided,
         "fig1c_frequency_band_changes": band_changes(run),
         "partial_images": partial_image_strip(run),
         "power_spectra": power_spectra(run),
@@ -70,10 +73,11 @@ def probe_figures(run: ProbeRun) -> dict[str, Figure]:
     }
 
 
-def draw_stages(axis: Axes, stages: dict) -> None:
-    """Shade each detected stage and mark the boundaries between them."""
+def draw_stages(axis: Axes, stages: dict, evidence: str = "visible") -> None:
+    """Shade each stage the `evidence` (visible or decided) found and mark the boundaries between them."""
     num_scales = len(stages["schedule"])
-    semantic_end, refinement_start = stages["semantic_end"], stages["refinement_start"]
+    boundaries = stages.get(evidence) or stages  # files written before the decided evidence hold the visible alone
+    semantic_end, refinement_start = boundaries["semantic_end"], boundaries["refinement_start"]
     spans = {
         "semantic": (-0.5, semantic_end + 0.5),
         "structure": (semantic_end + 0.5, refinement_start - 0.5),
@@ -113,6 +117,38 @@ def metric_curves(run: ProbeRun, kind: str) -> Figure:
     axis.set_title(f"{panel}{kind} metrics of each partial image vs the final image (or prompt)")
     axis.set_ylabel("mean over prompts")
     axis.legend(fontsize=7, loc="best")
+    return fig
+
+
+def visible_vs_decided(run: ProbeRun) -> Figure:
+    """Per metric kind (rows), the visible curves (left: each partial image vs the final image) beside the decided
+    ones (right: the continuations forked after each scale vs the original, +- one standard error over prompts,
+    dashed: between two continuations), each shaded with its own stages."""
+    rule, decided = run.stages["rule"], run.stages["decided"]
+    kinds = [kind for kind in ("semantic", "structural", "fidelity") if rule.get(f"{kind}_metrics")]
+    fig = Figure(figsize=(11, 3.2 * len(kinds)), layout="constrained")
+    axes = fig.subplots(len(kinds), 2, squeeze=False, sharex=True)
+    scales = np.arange(len(run.schedule))
+    for row, kind in enumerate(kinds):
+        visible_axis, decided_axis = axes[row]
+        for i, name in enumerate(rule[f"{kind}_metrics"]):
+            color = f"C{i}"
+            visible_axis.plot(run.stages["curves"][name], marker="o", color=color, label=name)
+            curve = np.asarray(decided["curves"][name], dtype=float)
+            stderr = np.asarray(decided["stderr"][name], dtype=float)  # NaN (None) with a single prompt
+            decided_axis.plot(curve, marker="o", color=color, label=name)
+            decided_axis.fill_between(scales, curve - stderr, curve + stderr, color=color, alpha=0.2, linewidth=0)
+            if name in decided["spread"]:
+                decided_axis.plot(np.asarray(decided["spread"][name], dtype=float), color=color, linestyle="--",
+                                  label=f"{name}, between continuations")
+        for axis, evidence in ((visible_axis, "visible"), (decided_axis, "decided")):
+            draw_stages(axis, run.stages, evidence)
+            scale_axis(axis, run.schedule)
+        visible_axis.set_ylabel(f"{kind}: mean over prompts")
+        decided_axis.legend(fontsize=6, loc="best")
+    axes[0, 0].set_title("visible: the partial image through scale k vs the final image (or prompt)", fontsize=9)
+    axes[0, 1].set_title(f"decided: {decided['continuations']} continuation(s) forked after scale k vs the original "
+                         "(prompt metrics: agreement)", fontsize=9)
     return fig
 
 

@@ -10,7 +10,7 @@ of images.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +22,7 @@ from analysis.metrics import Metric
 from analysis.ranks import RankAggregate, aggregate_rank, cumulative_energy, energy_ranks, singular_values
 from analysis.rows import INPUTS, band_key, chunk_rank_key, rank_key
 from analysis.spectra import band_change, band_labels, check_band_edges, radial_power_spectrum
+from analysis.stages import EVIDENCE
 from errors import UserError
 from models.bsq_vae import BSQVAE
 from models.schedules import Grid
@@ -41,15 +42,27 @@ class ProbeConfig:
     chunk_rank_energies: Sequence[float] = (0.9, 0.95, 0.96, 0.99)  # alphas of the per-chunk ranks (the released
     # StageVAR's presets: rank of the centred block-chunk input at energy alpha over min(M, d))
     source: str = "model"  # model: its own samples; ground_truth: every scale's bits from the world's renders
+    evidence: str = "both"  # visible: partial images vs the final one; decided: continuations vs the original
+    # (analysis/continuations.py); both: the two, the later boundary of each fed to the sampler
+    continuations: int = 2  # per prompt and scale, for decided and both
 
     def __post_init__(self) -> None:
         if self.source not in PROBE_SOURCES:
             raise UserError(f"probe.source={self.source!r}: use one of {', '.join(PROBE_SOURCES)}")
+        if self.evidence not in EVIDENCE:
+            raise UserError(f"probe.evidence={self.evidence!r}: use one of {', '.join(EVIDENCE)}")
+        if self.decided and self.source == "ground_truth":
+            raise UserError(f"probe.evidence={self.evidence} forks the model's own run, but probe.source=ground_truth "
+                            "takes every scale's bits from the world: add probe.evidence=visible (experiment="
+                            "prefix_probe continues the world's prefixes with the model)")
+        if self.decided and (not isinstance(self.continuations, int) or self.continuations < 1):
+            raise UserError(f"probe.continuations={self.continuations!r} must be a positive whole number with "
+                            f"probe.evidence={self.evidence}; probe.evidence=visible runs no continuations")
         for key in ("num_prompts", "batch_size"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise UserError(f"probe.{key}={getattr(self, key)!r} must be a positive whole number")
-        if self.strip_prompts < 0:
-            raise UserError(f"probe.strip_prompts={self.strip_prompts} must be >= 0")
+        if not isinstance(self.strip_prompts, int) or self.strip_prompts < 0:
+            raise UserError(f"probe.strip_prompts={self.strip_prompts!r} must be a whole number >= 0")
         for key in ("rank_energies", "chunk_rank_energies"):
             energies = list(getattr(self, key))
             if not energies or not all(0 < e <= 1 for e in energies):
@@ -58,6 +71,11 @@ class ProbeConfig:
             check_band_edges(self.band_edges)
         except ValueError as error:
             raise UserError(f"probe.band_edges: {error}") from None
+
+    @property
+    def decided(self) -> bool:
+        """Whether the probe forks continuations (the decided evidence)."""
+        return self.evidence != "visible"
 
     def blocks(self, depth: int) -> list[int]:
         """rank_blocks as block indices of a transformer of this depth."""
@@ -132,9 +150,11 @@ class RunningMeans:
 
 
 def measure(
-    trace: ScaleTrace, prompts: Sequence[dict], metrics: dict[str, Metric], config: ProbeConfig, spectra: RunningMeans
+    trace: ScaleTrace, prompts: Sequence[dict], metrics: dict[str, Metric], config: ProbeConfig, spectra: RunningMeans,
+    more_columns: Mapping[int, Mapping[str, Tensor]] | None = None,
 ) -> list[dict]:
-    """One row per prompt and scale from a finished trace; power spectra and singular-value energies go to `spectra`."""
+    """One row per prompt and scale from a finished trace; power spectra and singular-value energies go to `spectra`.
+    `more_columns`: per scale, more (B,) columns for the rows (the continuation probe's)."""
     final_images = trace.partial_images[-1]  # the final latent decoded the same way: the generated images
     previous_images = trace.start_image
     labels = band_labels(config.band_edges)
@@ -158,6 +178,7 @@ def measure(
         for i, energy in enumerate(config.chunk_rank_energies):  # (B, chunks): rank / min(M, d), as the presets
             columns[chunk_rank_key(energy)] = torch.stack([ranks[:, i] for ranks in chunk_ranks], 1) / chunk_values.shape[-1]
         spectra.add(f"power_spectrum/{scale}", radial_power_spectrum(images))
+        columns |= (more_columns or {}).get(scale, {})
         for i, prompt in enumerate(prompts):
             row = {"index": prompt["index"], "prompt": prompt["prompt"], "scale": scale, "grid": list(grid),
                    "tokens": tokens}

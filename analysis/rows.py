@@ -2,7 +2,9 @@
 
 A row holds index, prompt, scale, grid, tokens; one value per metric name (None where a prompt metric does
 not apply); band_change/<band>; rank/<source>@<energy> and rank_fraction/<source>@<energy>, where the source
-is "inputs" (the scale input F~) or "block<i>". No torch here, so the notebook loads quickly.
+is "inputs" (the scale input F~) or "block<i>"; with the continuation probe, decided/<metric> (the continuations
+forked after the scale vs the original, mean over continuations) and decided_spread/<metric> (between two
+continuations, mean over pairs). No torch here, so the notebook loads quickly.
 """
 
 from __future__ import annotations
@@ -27,13 +29,32 @@ def band_key(label: str) -> str:
     return f"band_change/{label}"
 
 
+def decided_key(metric: str) -> str:
+    return f"decided/{metric}"
+
+
+def spread_key(metric: str) -> str:
+    return f"decided_spread/{metric}"
+
+
 def scale_means(rows: Sequence[dict], key: str, num_scales: int) -> list[float]:
     """Mean of `key` over prompts at each scale, skipping rows where it is None (NaN where all are)."""
+    return [float(np.mean(v)) if v else float("nan") for v in _values_per_scale(rows, key, num_scales)]
+
+
+def scale_stderrs(rows: Sequence[dict], key: str, num_scales: int) -> list[float]:
+    """Standard error over prompts of `scale_means` at each scale (NaN where fewer than two prompts have a value)."""
+    return [float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+            for v in _values_per_scale(rows, key, num_scales)]
+
+
+def _values_per_scale(rows: Sequence[dict], key: str, num_scales: int) -> list[list[float]]:
+    """The values of `key` at each scale, one per prompt that has one (not None)."""
     values = [[] for _ in range(num_scales)]
     for row in rows:
         if row.get(key) is not None:
             values[row["scale"]].append(row[key])
-    return [float(np.mean(v)) if v else float("nan") for v in values]
+    return values
 
 
 def scale_percentiles(rows: Sequence[dict], key: str, num_scales: int, percentile: float) -> list[float]:

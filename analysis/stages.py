@@ -13,6 +13,12 @@ The rule (its tolerances are the `stages:` keys of conf/experiment/stage_probe.y
 Semantics are expected to settle no later than structure; the rule does not assume it, and
 `semantics_settle_first` says whether a run showed it. Fidelity curves (pixel-level metrics such as SSIM) are
 kept in stages.json beside the others but decide nothing: fidelity is what the refinement stage still changes.
+
+The same rule reads two kinds of evidence. *Visible*: each partial image against the final one (the paper's
+probe). *Decided*: continuations forked after each scale against the original run (analysis/continuations.py),
+that is, from which scale on the rest of the run no longer changes the outcome. stages.json keeps both sets;
+its `evidence` says which one its top-level boundaries (those the accelerated sampler reads) are: visible,
+decided, or both, each boundary then the later of the two.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ STAGES_KEYS = (
     "model", "schedule", "semantic_end", "structure_end", "refinement_start", "ranks", "rule", "curves",
     "num_prompts", "code_version",
 )
+EVIDENCE = ("visible", "decided", "both")  # which boundaries stages.json hands the sampler
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,8 @@ class StageRule:
     def __post_init__(self) -> None:
         for key in ("semantic_tolerance", "structure_tolerance"):
             value = getattr(self, key)
-            if not 0 <= value < 1:
-                raise UserError(f"stages.rule.{key}={value} must be in [0, 1): a share of each curve's span")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise UserError(f"stages.rule.{key}={value!r} must be in [0, 1): a share of each curve's span")
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,34 @@ class StageBoundaries:
             return "semantic"
         return "structure" if scale < self.refinement_start else "refinement"
 
+    def later(self, other: StageBoundaries) -> StageBoundaries:
+        """Each boundary at the later of the two sets': a stage is over once both kinds of evidence say so."""
+        return StageBoundaries(max(self.semantic_end, other.semantic_end), max(self.structure_end, other.structure_end),
+                               max(self.refinement_start, other.refinement_start))
+
+
+@dataclass(frozen=True)
+class DecidedEvidence:
+    """The continuation probe's result: the boundaries the rule finds on its curves, and the curves."""
+
+    boundaries: StageBoundaries
+    continuations: int  # per prompt and scale
+    curves: dict[str, list[float]]  # per metric and scale: continuation vs original, mean over prompts
+    stderr: dict[str, list[float]]  # the curves' standard errors over prompts
+    spread: dict[str, list[float]]  # the metric between two continuations (none with one continuation)
+    spread_stderr: dict[str, list[float]]
+
+
+def fed_boundaries(evidence: str, visible: StageBoundaries, decided: StageBoundaries | None) -> StageBoundaries:
+    """The boundaries the sampler gets: the visible or the decided set, or for `both` the later of the two."""
+    if evidence not in EVIDENCE:
+        raise ValueError(f"evidence {evidence!r} is not one of {EVIDENCE}")
+    if evidence == "visible":
+        return visible
+    if decided is None:
+        raise ValueError(f"evidence {evidence!r} needs the decided boundaries of the continuation probe")
+    return decided if evidence == "decided" else visible.later(decided)
+
 
 def settling_scale(curve: Sequence[float], tolerance: float) -> int:
     """The first scale from which the curve stays within tolerance * span of its final value."""
@@ -88,6 +123,14 @@ def detect_stages(
     return StageBoundaries(semantic_end, structure_end, max(semantic_end, structure_end) + 1)
 
 
+def curves_by_kind(
+    curves: dict[str, Sequence[float]], kinds: dict[str, str]
+) -> dict[str, dict[str, Sequence[float]]]:
+    """Per-metric curves grouped by the stage their metric tells about (semantic, structural, fidelity)."""
+    return {kind: {name: curve for name, curve in curves.items() if kinds[name] == kind}
+            for kind in ("semantic", "structural", "fidelity")}
+
+
 def write_stages(
     path: Path,
     *,
@@ -102,17 +145,30 @@ def write_stages(
     code_version: str,
     fidelity_curves: dict[str, Sequence[float]] | None = None,
     source: str = "model",
+    decided: DecidedEvidence | None = None,
+    evidence: str = "visible",
 ) -> dict:
     """Write stages.json (the schema `load_stages` reads) and return what was written. `source` says whose
-    partial images the curves come from: the model's samples or the ground truth's bits."""
+    partial images the curves come from: the model's samples or the ground truth's bits. `boundaries` and the
+    curves are the visible evidence; `decided`, the continuation probe's; `evidence` picks the top-level
+    boundaries (`fed_boundaries`)."""
     fidelity_curves = fidelity_curves or {}
+    fed = fed_boundaries(evidence, boundaries, decided.boundaries if decided else None)
     stages = {
         "model": model,
         "source": source,
         "schedule": [list(grid) for grid in schedule],
-        "semantic_end": boundaries.semantic_end,
-        "structure_end": boundaries.structure_end,
-        "refinement_start": boundaries.refinement_start,
+        "evidence": evidence,
+        "semantic_end": fed.semantic_end,
+        "structure_end": fed.structure_end,
+        "refinement_start": fed.refinement_start,
+        "visible": asdict(boundaries),
+        "decided": None if decided is None else {
+            **asdict(decided.boundaries),
+            "continuations": decided.continuations,
+            **{key: {name: [_number(v) for v in curve] for name, curve in getattr(decided, key).items()}
+               for key in ("curves", "stderr", "spread", "spread_stderr")},
+        },
         "ranks": ranks,
         "rule": {
             **asdict(rule), "semantic_metrics": list(semantic_curves), "structural_metrics": list(structural_curves),
@@ -127,6 +183,11 @@ def write_stages(
     }
     Path(path).write_text(json.dumps(stages, indent=1) + "\n")
     return stages
+
+
+def _number(value: float) -> float | None:
+    """A curve value for JSON: NaN (a standard error of one prompt) becomes None."""
+    return None if np.isnan(value) else float(value)
 
 
 def load_stages(path: str | Path, model_name: str, schedule: Sequence[Sequence[int]]) -> dict:

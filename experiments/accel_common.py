@@ -7,7 +7,8 @@
    encoding, every scale, VAE decoding) for one batch, with their min and max; speedup is the baseline median
    over the method's, with the min and max of the per-round ratios (baseline and method of the same round, run
    one after the other). A speedup whose range includes 1 is "not significant"; a method whose MACs equal the
-   baseline's changes nothing the transformer computes and is a "no-op", its speedup 1 by construction.
+   baseline's changes nothing the transformer computes and is a "no-op", its speedup 1 by construction. Such a
+   method is refused before anything runs (check_policies), unless accel.allow_noop=true.
    Peak memory: CUDA's peak allocated tensor memory; on the CPU the process's peak resident set size, which
    also counts memory the allocator keeps after a free, so it never understates. Both include the model.
 2. MACs: accel/macs.py counts the transformer blocks and head for the timed batch (analytic, not measured).
@@ -63,7 +64,9 @@ from experiments.generate import check_benchmark_layout, sampling_config
 from experiments.image_batches import ImageSet, make_images
 from experiments.recorder import RunRecorder
 from experiments.world_preview import caption_grid
-from models.pipeline import TextToImageModel, build_model
+from models.infinity import InfinityConfig
+from models.pipeline import TextToImageModel, build_model, schedule_and_transformer
+from models.schedules import Grid
 
 log = logging.getLogger(__name__)
 
@@ -337,10 +340,60 @@ def check_timing(cfg: DictConfig, settings_key: str) -> ComparisonSettings:
 
 
 def check_policies(cfg: DictConfig, methods: list[Method]) -> None:
-    """Every method's policy, built against the model's spec read from its config (no model is built)."""
+    """Every method's policy, built against the model's spec read from its config (no model is built).
+
+    A policy that changes nothing the baseline computes is refused: its timing and scoring would run in full
+    (half an hour on a CPU) to report 1.000x. accel.allow_noop=true (or a method's own allow_noop) runs it anyway.
+    """
     spec = ModelSpec.of_config(cfg.model)
+    _, transformer = schedule_and_transformer(cfg.model)
+    guidance = guided(sampling_config(cfg.model), len(spec.schedule))
+    allow_every_noop = flag("accel.allow_noop", cfg.accel.allow_noop)
     for method in methods:
-        build_policy(method.accel, spec)
+        policy = build_policy(method.accel, spec)
+        allowed = allow_every_noop or flag(f"allow_noop of method {method.label}", method.accel.allow_noop)
+        if not allowed and changes_nothing(policy, transformer, spec.schedule, guidance):
+            raise UserError(no_op_message(cfg, method, policy, len(spec.schedule), guidance))
+
+
+def guided(sampling: SamplingConfig, num_scales: int) -> bool:
+    """Whether CFG runs (any scale's cfg != 1), i.e. the baseline runs two rows per prompt."""
+    return any(value != 1.0 for value in sampling.per_scale("cfg", num_scales))
+
+
+def changes_nothing(policy: Policy, transformer: InfinityConfig, schedule: Sequence[Grid], guidance: bool) -> bool:
+    """Whether a policy's plan computes what the baseline's does: the same MACs, speed_row's "no-op"."""
+    def macs(plan_of: Policy | None) -> int:
+        return count_macs(transformer, schedule, plan_of, batch_size=1, text_length=1, guidance=guidance).total
+
+    return macs(policy) == macs(None)
+
+
+def no_op_message(cfg: DictConfig, method: Method, policy: Policy, num_scales: int, guidance: bool) -> str:
+    """Why a method's policy changes nothing, and what to change; an empty refinement stage (cfg_drop, stagevar)
+    is the usual reason: a stages.json whose probe found no refinement stage."""
+    def key(name: str) -> str:  # where the user sets it: cfg.accel (accel_eval, rank_sweep) or a methods list
+        return f"accel.{name}" if method.accel is cfg.accel else f"{name} in the overrides of method {method.label}"
+
+    start = getattr(policy, "refinement_start", None)
+    stages_file = method.accel.get("stages_file")
+    if start is not None and start >= num_scales and stages_file:
+        why = (f"the stages file {stages_file} has no refinement stage (refinement_start={start} of {num_scales} "
+               "scales), so no scale is accelerated")
+        fix = (f"set {key('stages_file')} to a stages.json of {cfg.model.name} whose refinement stage is not empty, "
+               f"or to null to accelerate from {key('refinement_start')} (default -3: the last 3 scales)")
+    elif start is not None and start >= num_scales:
+        why = f"refinement_start={start} is past the last of the {num_scales} scales, so no scale is accelerated"
+        fix = f"set {key('refinement_start')} to a scale of the schedule, e.g. -3 (the last 3 scales)"
+    else:
+        why = ("its plan runs every scale as the baseline does (no scale skipped, no CFG branch dropped, no token "
+               "left out)")
+        fix = f"set its keys so that it skips, drops or reduces work (conf/accel/{method.accel.name}.yaml says how)"
+        if not guidance:
+            why += f"; model.sampling.cfg={cfg.model.sampling.cfg} runs no second CFG branch to drop"
+            fix = f"guide with model.sampling.cfg > 1, or {fix}"
+    return (f"{method.label} (conf/accel/{method.accel.name}.yaml) is a no-op: {why}; its timing and scoring would "
+            f"run in full to report 1.000x. Fix: {fix}; or set accel.allow_noop=true to measure the no-op anyway")
 
 
 def compare_methods(cfg: DictConfig, recorder: RunRecorder, methods: list[Method], settings_key: str) -> dict:
@@ -439,7 +492,7 @@ def measure_speed(
         for repeat, seconds in enumerate(timing.seconds):
             recorder.log({"kind": "timing", "method": label, "repeat": repeat, "seconds": seconds})
     text_length = model.text_encoder.encode(prompts).features.shape[1]
-    guidance = any(value != 1.0 for value in sampling.per_scale("cfg", len(model.schedule)))
+    guidance = guided(sampling, len(model.schedule))
     macs = {
         label: count_macs(model.transformer.config, model.schedule, policy, batch_size=len(prompts),
                           text_length=text_length, guidance=guidance).total

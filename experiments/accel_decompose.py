@@ -21,8 +21,7 @@ from omegaconf import DictConfig
 
 from errors import UserError
 from experiments.accel_common import check_comparison, compare_methods, methods_from
-from experiments.benchmark import infinity_2b_macs
-from experiments.config_checks import whole
+from experiments.benchmark import check_infinity_2b_settings, infinity_2b_macs
 from experiments.recorder import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,8 @@ def check(cfg: DictConfig) -> None:
     labels = [method.label for method in methods]
     if unknown := [label for label in settings.chain if label not in labels]:
         raise UserError(f"accel_decompose.chain names {unknown}, which are not among the methods {labels}")
-    whole("accel_decompose.infinity_2b.text_length", settings.infinity_2b.text_length, minimum=1)
-    infinity_2b_macs(methods, settings.infinity_2b)  # analytic, milliseconds: checks pn and h_div_w
+    check_infinity_2b_settings(settings.infinity_2b, "accel_decompose.infinity_2b")
+    infinity_2b_macs(methods, settings.infinity_2b)  # analytic, milliseconds: every method's plan on Infinity-2B
 
 
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:

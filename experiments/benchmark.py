@@ -11,17 +11,19 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from omegaconf import DictConfig
 
 from accel.macs import count_macs
 from accel.policies import ModelSpec, build_policy
 from accel.sampler import Policy
+from errors import UserError
 from experiments.accel_common import BASELINE, Method, check_comparison, compare_methods, methods_from
-from experiments.config_checks import whole
+from experiments.config_checks import number, whole
 from experiments.recorder import RunRecorder
 from models.infinity import InfinityConfig
-from models.schedules import infinity_schedule
+from models.schedules import NUM_STEPS_BY_PN, infinity_schedule
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,16 @@ PAPER_SPEEDUPS = {"stagevar": 3.4, "fastvar": 2.75, "skipvar": 2.62}
 def check(cfg: DictConfig) -> None:
     methods = methods_from(cfg.benchmark.methods)
     check_comparison(cfg, methods, "benchmark")
-    whole("benchmark.infinity_2b.text_length", cfg.benchmark.infinity_2b.text_length, minimum=1)
-    infinity_2b_macs(methods, cfg.benchmark.infinity_2b)  # analytic, milliseconds: checks pn and h_div_w
+    check_infinity_2b_settings(cfg.benchmark.infinity_2b, "benchmark.infinity_2b")
+    infinity_2b_macs(methods, cfg.benchmark.infinity_2b)  # analytic, milliseconds: every method's plan on Infinity-2B
+
+
+def check_infinity_2b_settings(settings: DictConfig, key: str) -> None:
+    """The schedule and text length of the analytic Infinity-2B MAC table (benchmark, accel_decompose)."""
+    if settings.pn not in NUM_STEPS_BY_PN:
+        raise UserError(f"{key}.pn={settings.pn!r} is not a known resolution; choose one of {sorted(NUM_STEPS_BY_PN)}")
+    number(f"{key}.h_div_w", settings.h_div_w, 0, math.inf, low_open=True, why=" (height / width)")
+    whole(f"{key}.text_length", settings.text_length, minimum=1)
 
 
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:

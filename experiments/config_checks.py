@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import importlib
 import io
 import math
@@ -25,6 +26,8 @@ import shutil
 import socket
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +44,8 @@ from errors import UserError
 from experiments.distributed import Failure, RankFailed, launched_processes
 
 WANDB_MODES = ("offline", "online", "disabled")
+WANDB_PROBE_SECONDS = 5  # each of: connecting to the W&B server, its first answer
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 HYDRA_FILES = {".hydra", "run.log"}  # what Hydra writes into a job folder before the job runs
 
 
@@ -84,6 +89,7 @@ def _exit_on_error(check: Callable[[DictConfig], None], cfg: DictConfig, remove_
 def check_run(cfg: DictConfig, job_dir: Path | None = None) -> None:
     """Every check of one run (a sweep's job in `job_dir`): the shared keys, the folder it continues, then the
     experiment's own `check(cfg)` where it has one."""
+    check_value_kinds(cfg)
     check_output_root(cfg)
     check_seed(cfg)
     check_device(cfg)
@@ -174,6 +180,55 @@ def config_differences(before: Any, after: Any, prefix: str = "") -> list[tuple[
 # Values
 
 
+def check_value_kinds(cfg: DictConfig) -> None:
+    """Before any key's own check: no value is inf or nan, and a key whose preset value is a number holds a number
+    (or null). A key that no check of this run reads is refused too: a typo'd value there is still a mistake."""
+    choices = _group_choices(cfg)
+    presets = dict(_leaves(preset_values(choices))) if choices else {}  # none: a config composed without Hydra's node
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)):
+        if key.startswith("hydra.") or (isinstance(value, str) and value.startswith("${")):
+            continue  # Hydra's own settings; interpolations are checked as the values they resolve to
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}={value!r}: no setting means inf or nan; give a finite number (null where the key "
+                            "allows none)")
+        preset = presets.get(key)
+        preset_is_number = isinstance(preset, (int, float)) and not isinstance(preset, bool)
+        value_is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if preset_is_number and value is not None and not value_is_number:
+            raise UserError(f"{key}={value!r} must be a number (the preset's value is {preset!r})")
+
+
+def _group_choices(cfg: DictConfig) -> tuple[str, ...]:
+    """The run's config-group choices (experiment=..., model=...), without Hydra's own groups."""
+    choices = cfg.hydra.runtime.choices if "hydra" in cfg else {}
+    return tuple(sorted(f"{group}={choice}" for group, choice in choices.items()
+                        if choice is not None and not group.startswith("hydra")))
+
+
+@functools.cache
+def preset_values(group_choices: tuple[str, ...]) -> dict:
+    """The config these group choices compose to before any key=value of the command line (unresolved)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # under run.py's @hydra.main, or a test's initialize()
+        return OmegaConf.to_container(compose("config", list(group_choices)), resolve=False)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", list(group_choices)), resolve=False)
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a plain config; list entries as key[i]."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _leaves(value, f"{prefix.rstrip('.')}[{index}].")
+    else:
+        yield prefix.rstrip("."), node
+
+
 def whole(key: str, value: Any, minimum: int = 0, why: str = "") -> int:
     """`value` as a whole number >= minimum, or an error naming the key."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -238,20 +293,25 @@ def check_device(cfg: DictConfig) -> None:
 
 
 def check_output_root(cfg: DictConfig) -> None:
-    """paths.output_root must be a folder that can hold run folders: try it (permissions alone do not tell)."""
-    root = Path(cfg.paths.output_root)
+    """paths.output_root must be a folder that can hold run folders."""
+    writable_folder("paths.output_root", cfg.paths.output_root, "hold run folders", example="outputs")
+
+
+def writable_folder(key: str, value: str, purpose: str, example: str) -> Path:
+    """The folder `key` names, made if missing, after trying to write in it (permissions alone do not tell)."""
+    root = Path(value)
     if root.exists() and not root.is_dir():
-        raise UserError(f"paths.output_root={str(root)!r} is a file, not a folder: point it at a folder, "
-                        "e.g. paths.output_root=outputs")
+        raise UserError(f"{key}={str(root)!r} is a file, not a folder: point it at a folder, e.g. {key}={example}")
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=root):
             pass
     except OSError as error:
         raise UserError(
-            f"paths.output_root={str(root)!r} cannot hold run folders ({error.strerror or error}): point it at a "
-            "folder you can write, e.g. paths.output_root=outputs"
+            f"{key}={str(root)!r} cannot {purpose} ({error.strerror or error}): point it at a folder you can write, "
+            f"e.g. {key}={example}"
         ) from None
+    return root
 
 
 def check_logger(cfg: DictConfig) -> None:
@@ -268,13 +328,15 @@ def check_logger(cfg: DictConfig) -> None:
 
 
 def check_wandb_online() -> None:
-    """Online W&B needs a key and the server: find out now, in seconds, not after the run's first 90 s."""
+    """Online W&B needs a key and a server that answers: find out now, in at most 2 x WANDB_PROBE_SECONDS, not
+    after the run's first 90 s (wandb.init waits that long on a server that takes the connection but never answers)."""
     import wandb
 
     offline = "or use logger.mode=offline and upload later with `wandb sync <run folder>/wandb/offline-run-*`"
     server = urlparse(wandb.setup().settings.base_url)  # WANDB_BASE_URL, or W&B's own
+    print(f"W&B: checking that {server.geturl()} answers (at most {2 * WANDB_PROBE_SECONDS} s)", flush=True)
     try:
-        socket.create_connection((server.hostname, server.port or 443), timeout=5).close()
+        socket.create_connection((server.hostname, server.port or 443), timeout=WANDB_PROBE_SECONDS).close()
     except OSError as error:
         raise UserError(f"logger.mode=online cannot reach the W&B server {server.geturl()} ({error}): check the "
                         f"network, {offline}") from None
@@ -282,6 +344,14 @@ def check_wandb_online() -> None:
         has_key = wandb.login(prompt=False, verify=False)
     if not has_key:
         raise UserError(f"logger.mode=online needs a W&B API key: run `wandb login` or set WANDB_API_KEY, {offline}")
+    try:
+        urllib.request.urlopen(server.geturl(), timeout=WANDB_PROBE_SECONDS).close()
+    except urllib.error.HTTPError:
+        pass  # an HTTP status is an answer
+    except OSError as error:
+        raise UserError(f"logger.mode=online: the W&B server {server.geturl()} took the connection but did not answer "
+                        f"within {WANDB_PROBE_SECONDS} s ({getattr(error, 'reason', error)}): check the server, "
+                        f"{offline}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,8 +359,9 @@ def check_wandb_online() -> None:
 
 
 def check_model(cfg: DictConfig) -> None:
-    """Batch size, sampling settings, the model's own keys and its weight files."""
-    from models.pipeline import missing_model_files, schedule_and_transformer
+    """Batch size, sampling settings, the model's own keys and its weight files (present, and their headers'
+    tensor names and shapes the model's: a bad file fails here, not after the run folder and W&B started)."""
+    from models.pipeline import check_model_weights, missing_model_files, schedule_and_transformer
 
     model = cfg.model
     whole("model.batch_size", model.batch_size, minimum=1, why=" (images generated at once)")
@@ -308,6 +379,7 @@ def check_model(cfg: DictConfig) -> None:
             + "\nPoint paths.weights_dir (or model.checkpoint_dir for the tiny model) or model.files.<key> at them."
         )
     schedule_and_transformer(model)  # checks the resolution, aspect ratio and architecture keys
+    check_model_weights(model)
 
 
 def check_prompts(cfg: DictConfig) -> list[dict]:
@@ -323,10 +395,11 @@ def check_prompts(cfg: DictConfig) -> list[dict]:
 
 
 def unknown_key_hints(arguments: list[str], config_dir: Path) -> list[str]:
-    """For each `key=value` override whose key is not in the composed config, a line with the closest keys.
+    """For each `key=value` override of the command line `arguments` whose key is not in the composed config, a
+    line with the closest keys.
 
-    Hydra refuses such an override before any of our code runs (exit 1, "Key ... is not in struct") and
-    suggests adding it with `+`, which is rarely what the user meant; run.py adds these lines.
+    Hydra refuses such an override before any of our code runs ("Key ... is not in struct") and suggests adding it
+    with `+`, which is rarely what the user meant; experiments/hydra_errors.py says these lines instead.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -334,11 +407,14 @@ def unknown_key_hints(arguments: list[str], config_dir: Path) -> list[str]:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in arguments if not a.startswith("-")])
-    except HydraException:
-        return []
-    group_choices = [o.input_line for o in overrides if (config_dir / o.key_or_group).is_dir()]
+    parser = OverridesParser.create()
+    overrides = []
+    for argument in arguments:
+        with contextlib.suppress(HydraException):  # not an override: a flag such as -m, or a flag's value
+            overrides.append(parser.parse_override(argument))
+    # A group swept over (-m model=a,b) composes with its first choice: a group's options mostly share their keys.
+    group_choices = [f"{o.key_or_group}={next(o.sweep_string_iterator())}" if o.is_sweep_override() else o.input_line
+                     for o in overrides if (config_dir / o.key_or_group).is_dir()]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
@@ -349,11 +425,11 @@ def unknown_key_hints(arguments: list[str], config_dir: Path) -> list[str]:
     hints = []
     for override in overrides:
         key = override.key_or_group
-        own = override.input_line in group_choices or override.is_add() or override.is_delete() or key in known
+        own = (config_dir / key).is_dir() or override.is_add() or override.is_delete() or key in known
         if own or key.startswith("hydra"):  # Hydra's own settings are not in the composed config
             continue
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-        hints.append(f"error: {key} is not a config key" + (f"; did you mean {' or '.join(close)}?" if close else
+        hints.append(f"{key} is not a config key" + (f"; did you mean {' or '.join(close)}?" if close else
                      "; `python run.py <same groups> --cfg job` lists every key"))
     return hints
 

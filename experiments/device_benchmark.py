@@ -60,10 +60,13 @@ def check(cfg: DictConfig) -> None:
     if settings.peak_bf16_tflops is not None:
         number("device_benchmark.peak_bf16_tflops", settings.peak_bf16_tflops, 0, float("inf"), low_open=True)
     check_policies(cfg, methods_from(settings.methods))
+    key = "device_benchmark.precision_check.transformer"
     try:
         InfinityConfig(**settings.precision_check.transformer)
-    except (TypeError, ValueError) as error:
-        raise UserError(f"device_benchmark.precision_check.transformer: {error}") from None
+    except TypeError as error:  # a key InfinityConfig does not have
+        raise UserError(f"{key}: {error}") from None
+    except ValueError as error:  # "<field>=<value> must ..."
+        raise UserError(f"{key}.{error}") from None
 
 
 def run(cfg: DictConfig, recorder: RunRecorder) -> dict:

@@ -15,19 +15,20 @@ Under torchrun every process makes its share of the batches; rank 0 merges, scor
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from accel.sampler import SamplingConfig
-from analysis.fid import InceptionFeatures, MetricUnavailable, frechet_distance
+from analysis.fid import InceptionFeatures, MetricUnavailable, frechet_distance, reference_features
 from errors import UserError
 from evals.prompt_files import BENCHMARK_LAYOUTS, export_benchmark_layout
 from evals.prompts import load_prompts, spread
 from evals.shapes_eval import evaluate
 from evals.shapes_world import render
-from experiments.config_checks import check_model, check_prompts, flag, positive_wholes
+from experiments.config_checks import check_model, check_prompts, flag, positive_wholes, writable_folder
 from experiments.image_batches import ImageSet, make_images
 from experiments.recorder import RunRecorder
 from experiments.world_preview import caption_grid
@@ -49,7 +50,9 @@ def check(cfg: DictConfig) -> None:
     check_prompts(cfg)
     check_benchmark_layout(cfg)
     positive_wholes(cfg.generate, "generate", ["contact_sheet_size", "grid_columns"])
-    flag("generate.fid", cfg.generate.fid)
+    if flag("generate.fid", cfg.generate.fid) and cfg.prompts.name == "shapes_eval":
+        writable_folder("paths.cache_dir", cfg.paths.cache_dir, "keep FID's reference features",
+                        example="outputs/cache")
 
 
 def check_benchmark_layout(cfg: DictConfig) -> None:
@@ -84,7 +87,8 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         passed = [summary["shapes_eval"]["correct"][i] for i in shown]
         if cfg.generate.fid:
             try:
-                summary["fid_vs_world"] = fid_against_world(images, samples, cfg.seed, torch.device(cfg.device))
+                summary["fid_vs_world"] = fid_against_world(images, samples, cfg.seed, torch.device(cfg.device),
+                                                            Path(cfg.paths.cache_dir))
                 log.info(f"FID against {len(samples)} ground-truth renders: {summary['fid_vs_world']:.2f}")
             except MetricUnavailable as reason:
                 log.warning("METRIC LEFT OUT: fid (%s)", reason)
@@ -116,9 +120,12 @@ def shapes_eval_table(images: list, prompts: list[dict], recorder: RunRecorder) 
     return scores
 
 
-def fid_against_world(images: list[np.ndarray], prompts: list[dict], seed: int, device: torch.device) -> float:
-    """FID of the images against one ground-truth render of each of their prompts (the world drawn with `seed`)."""
+def fid_against_world(
+    images: list[np.ndarray], prompts: list[dict], seed: int, device: torch.device, cache_dir: Path
+) -> float:
+    """FID of the images against one ground-truth render of each of their prompts (the world drawn with `seed`);
+    the renders' features come from cache_dir after the first run on the same prompts and seed."""
     rng = np.random.default_rng(seed)
     renders = [render(prompt, rng) for prompt in prompts]
     inception = InceptionFeatures(device)
-    return frechet_distance(inception(images), inception(renders))
+    return frechet_distance(inception(images), reference_features(inception, renders, cache_dir))

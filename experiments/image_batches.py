@@ -78,7 +78,8 @@ def make_images(
     every = images.batches()
     todo = [every[number] for number in processes.share(len(every)) if not finished(every[number])]
     label = row_fields.get("method", "images")
-    for batch in tqdm(todo, desc=f"{label} ({images.batch_size} per batch)", disable=not processes.is_main):
+    per_batch = min(images.batch_size, len(images.samples))  # one image is one image, whatever the batch size
+    for batch in tqdm(todo, desc=f"{label} ({per_batch} per batch)", disable=not processes.is_main):
         seed = images.seed + batch.number
         result = generate(model, [sample["prompt"] for sample in batch.samples], sampling, seed=seed, policy=policy,
                           progress=processes.is_main)

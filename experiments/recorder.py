@@ -7,7 +7,8 @@ Run folder layout:
                      results.jsonl (write_rows); an interrupted run keeps them
     summary.json     written last: "status" is "complete", "failed" or "interrupted"
     figures/<name>.png, images/..., tables/<name>.csv
-    wandb/           W&B's offline files when logger=wandb (upload later with `wandb sync`)
+    wandb/           W&B's offline files when logger=wandb (upload later with `wandb sync`); a failed run's are
+                     removed (its summary.json says why it failed; there is nothing to upload)
 
 Under several processes (experiments/distributed.py) every process has a recorder on the one folder: each writes
 its share of the images and rows; rank 0 alone writes config.yaml, summary.json, figures, tables and W&B.
@@ -22,6 +23,7 @@ import json
 import logging
 import numbers
 import os
+import shutil
 import time
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -59,18 +61,24 @@ class RunRecorder:
         self._logged_rows: list[dict] = []  # this run's log() rows
         self._wandb_run: wandb.Run | None = None
         self._wandb: ModuleType | None = None  # the wandb package, once W&B has started
+        self._offline_wandb_run: Path | None = None  # its folder under wandb/, when W&B runs offline
         self._started_at = 0.0
 
     def __enter__(self) -> RunRecorder:
         self._started_at = time.time()
         if self.processes.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._settle_earlier_rows()
-            OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
-            self._wandb_run = self._start_wandb()
-        self.processes.sync()  # the others read the settled rows
-        if self.resumable and self.results_path.is_file():
-            self.earlier_rows = read_rows(self.results_path)
+        try:
+            if self.processes.is_main:
+                self._settle_earlier_rows()
+                OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+                self._wandb_run = self._start_wandb()
+            self.processes.sync()  # the others read the settled rows
+            if self.resumable and self.results_path.is_file():
+                self.earlier_rows = read_rows(self.results_path)
+        except BaseException as error:  # the folder exists: it says the run failed, as after any later error
+            self.__exit__(type(error), error, error.__traceback__)
+            raise
         return self
 
     def __exit__(
@@ -81,13 +89,19 @@ class RunRecorder:
     ) -> None:
         if not self.processes.is_main:
             return
+        failed = exc is not None and not isinstance(exc, KeyboardInterrupt)
         if exc is not None:
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             error = f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__
-            self._write_summary(status, {"error": error})
+            self._write_summary("failed" if failed else "interrupted", {"error": error})
         if self._wandb_run is not None:
             self._wandb_run.finish(exit_code=0 if exc is None else 1)
             self._wandb_run = None
+        if self._offline_wandb_run is None:
+            return
+        if failed:
+            remove_offline_wandb_run(self._offline_wandb_run)
+        else:  # complete, or interrupted with its rows so far
+            log.info("W&B: upload the offline run with `wandb sync %s`", self._offline_wandb_run)
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one result row to results.jsonl; its numeric fields also go to W&B."""
@@ -207,8 +221,7 @@ class RunRecorder:
             if logger.mode != "online":
                 raise
             log.warning(
-                "W&B ONLINE FAILED (%s): logging offline instead; upload later with `wandb sync %s/offline-run-*`",
-                error, self.run_dir / "wandb",
+                "W&B ONLINE FAILED (%s): logging offline instead (the upload command comes when the run ends)", error
             )
             return self._init_wandb("offline")
 
@@ -225,10 +238,13 @@ class RunRecorder:
             dir=self.run_dir,
             settings=self._wandb.Settings(silent=not verbose),  # its banner buries the run's own output
         )
+        if mode == "offline":
+            self._offline_wandb_run = Path(run.dir).parent  # run.dir is its files/ folder
+            where = f"offline run in {self._offline_wandb_run}"  # the upload hint comes at the end, unless it failed
+        else:
+            where = run.url if mode == "online" else mode
         if not verbose:  # one line of our own instead
-            offline_run = Path(run.dir).parent  # run.dir is its files/ folder
-            log.info("W&B: %s", run.url if mode == "online" else f"offline run in {offline_run}; upload it with "
-                     f"`wandb sync {offline_run}`")
+            log.info("W&B: %s", where)
         return run
 
     def _write_summary(self, status: str, fields: dict[str, Any]) -> None:
@@ -252,6 +268,17 @@ class RunRecorder:
         folder = self.run_dir / subdir
         folder.mkdir(parents=True, exist_ok=True)
         return folder / filename
+
+
+def remove_offline_wandb_run(folder: Path) -> None:
+    """Remove an offline W&B run's folder, W&B's links into it (latest-run, debug.log), and wandb/ if left empty."""
+    shutil.rmtree(folder)
+    wandb_dir = folder.parent
+    for path in wandb_dir.iterdir():
+        if path.is_symlink() and not path.exists():
+            path.unlink()
+    if not any(wandb_dir.iterdir()):
+        wandb_dir.rmdir()
 
 
 def is_complete(run_dir: Path) -> bool:

@@ -4,13 +4,21 @@ Each prompt batch is generated once by the one sampler with a ScaleTrace observe
 measured and dropped. With `probe.source=ground_truth` every scale's bits are the ground truth's instead (the
 world's renders quantised by the model's VAE; shapes-world prompts only): the partial images are the world's
 own, and the stages found are those of the world, its VAE and the metrics, whatever the transformer has learnt
-(it still runs, so its ranks are measured, but on inputs it did not choose). The run folder holds everything
-the notebook needs to redraw the figures:
-    results.jsonl    one row per prompt and scale: metrics vs the final image or prompt, band changes, ranks
-    stages.json      boundaries, ranks r_k, the curves they were decided on (analysis/stages.py)
+(it still runs, so its ranks are measured, but on inputs it did not choose).
+
+The partial images give the *visible* evidence. With `probe.evidence=decided` or `both` the sampler also forks each
+batch's run after every scale into `probe.continuations` continuations (analysis/continuations.py), whose final
+images against the original's give the *decided* evidence; stages.json keeps the boundaries of both, and hands the
+sampler those `probe.evidence` names (both: the later of the two). The run folder holds everything the notebook
+needs to redraw the figures:
+    results.jsonl    one row per prompt and scale: metrics vs the final image or prompt, band changes, ranks, and
+                     the continuations' decided/<metric> and decided_spread/<metric>
+    stages.json      boundaries (visible, decided, and those fed to the sampler), ranks r_k, the curves they were
+                     decided on (analysis/stages.py)
     spectra.json     mean power spectra and singular-value energies per scale, and the probe's settings
     images/strip/    partial images of the first probe.strip_prompts prompts
-    figures/         the paper's Fig. 1 panels, the strip, power and singular-value spectra, rank fractions
+    figures/         the paper's Fig. 1 panels, visible vs decided curves, the strip, power and singular-value
+                     spectra, rank fractions
 
 Under torchrun every process probes its share of the batches (experiments/distributed.py); rank 0 merges the rows
 in prompt order and the spectra in batch order, as one process would have summed them, and decides the stages.
@@ -21,19 +29,20 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from accel.sampler import generate
+from accel.sampler import Continuations, generate
+from analysis.continuations import continuation_seeds, decided_columns, decided_evidence
 from analysis.metrics import Metric, build_metrics, missing_files
 from analysis.plots import load_probe_run, probe_figures
 from analysis.probe import ProbeConfig, RankChoice, RunningMeans, ScaleTrace, measure, rank_summary
 from analysis.rows import INPUTS, scale_means
 from analysis.spectra import band_labels
-from analysis.stages import StageRule, detect_stages, write_stages
+from analysis.stages import DecidedEvidence, StageRule, curves_by_kind, detect_stages, fed_boundaries, write_stages
 from errors import UserError
 from evals.prompts import spread
 from experiments.config_checks import check_model, check_prompts
@@ -90,22 +99,29 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     prompts, metrics = settings.prompts, settings.metrics
     model = build_model(cfg.model, cfg.device)
     sampling = sampling_config(cfg.model)
-    log.info("%s: probing %d prompts (%s) with %s", cfg.model.name, len(prompts), probe.source, ", ".join(metrics))
+    log.info("%s: probing %d prompts (%s, %s evidence) with %s", cfg.model.name, len(prompts), probe.source,
+             probe.evidence, ", ".join(metrics))
 
     processes = recorder.processes
     starts = range(0, len(prompts), probe.batch_size)
     processes.warn_if_idle(len(starts))
     renders = world_renders(prompts, model, cfg.seed) if probe.source == "ground_truth" else None
     batch_spectra: dict[int, RunningMeans] = {}  # batch number -> its power spectra and singular-value energies
-    for number in tqdm(processes.share(len(starts)), desc=f"stage probe ({probe.batch_size} per batch)",
+    per_batch = min(probe.batch_size, len(prompts))
+    for number in tqdm(processes.share(len(starts)), desc=f"stage probe ({per_batch} per batch)",
                        disable=not processes.is_main):
         batch = prompts[starts[number] : starts[number] + probe.batch_size]
         trace = ScaleTrace(model.vae, blocks, chunk_starts=[chunk[0].index for chunk in model.transformer.chunks])
         texts = [p["prompt"] for p in batch]
         forced = () if renders is None else ground_truth_bits(model, renders[starts[number] : starts[number] + len(batch)])
-        generate(model, texts, sampling, seed=cfg.seed + number, observers=[trace], decode=False, forced_bits=forced)
+        forks = (Continuations(range(len(model.schedule)), continuation_seeds(cfg.seed + number, probe.continuations))
+                 if probe.decided else None)
+        generation = generate(model, texts, sampling, seed=cfg.seed + number, observers=[trace], decode=False,
+                              forced_bits=forced, continuations=forks)
+        decided_by_scale = (decided_columns(trace.partial_images[-1], generation.continuations, batch, metrics)
+                            if forks else {})
         batch_spectra[number] = RunningMeans()
-        for row in measure(trace, batch, metrics, probe, batch_spectra[number]):
+        for row in measure(trace, batch, metrics, probe, batch_spectra[number], more_columns=decided_by_scale):
             recorder.log_partial(row)
         save_strip(recorder, trace, batch, first_position=starts[number], strip_prompts=probe.strip_prompts)
     shares = processes.gather(batch_spectra)
@@ -122,31 +138,36 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
 
     schedule = model.schedule
     curves = {name: scale_means(rows, name, len(schedule)) for name in metrics}
-    by_kind = {kind: {name: curve for name, curve in curves.items() if metrics[name].kind == kind}
-               for kind in ("semantic", "structural", "fidelity")}
-    boundaries = detect_stages(by_kind["semantic"], by_kind["structural"], rule)
+    by_kind = curves_by_kind(curves, {name: metric.kind for name, metric in metrics.items()})
+    visible = detect_stages(by_kind["semantic"], by_kind["structural"], rule)
+    decided = decided_evidence(rows, metrics, rule, len(schedule), probe.continuations) if probe.decided else None
     ranks = rank_summary(rows, rank_choice, schedule, probe.chunk_rank_energies)
     stages = write_stages(
         recorder.run_dir / "stages.json", model=cfg.model.name, source=probe.source, schedule=schedule,
-        boundaries=boundaries, ranks=ranks, rule=rule, semantic_curves=by_kind["semantic"],
+        boundaries=visible, ranks=ranks, rule=rule, semantic_curves=by_kind["semantic"],
         structural_curves=by_kind["structural"], fidelity_curves=by_kind["fidelity"],
-        num_prompts=len(prompts), code_version=code_version(),
+        num_prompts=len(prompts), code_version=code_version(), decided=decided, evidence=probe.evidence,
     )
+    boundaries = fed_boundaries(probe.evidence, visible, decided.boundaries if decided else None)
     write_spectra(recorder.run_dir / "spectra.json", spectra, probe, blocks, len(schedule), model.image_size)
     for name, figure in probe_figures(load_probe_run(recorder.run_dir)).items():
         recorder.save_figure(figure, name)
 
     table = recorder.log_table(
         "stages",
-        ["scale", "grid", "stage", "rank r_k", "r_k / M"] + list(curves),
+        ["scale", "grid", "stage", "visible stage", "rank r_k", "r_k / M"] + list(curves),
         [
-            [k, f"{h}x{w}", boundaries.stage(k), ranks["per_scale"][k], ranks["fraction"][k]]
+            [k, f"{h}x{w}", boundaries.stage(k), visible.stage(k), ranks["per_scale"][k], ranks["fraction"][k]]
             + [curve[k] for curve in curves.values()]
             for k, (h, w) in enumerate(schedule)
         ],
     )
-    log.info("stages of %s, %s (semantic_end=%d, structure_end=%d, refinement_start=%d):\n%s", cfg.model.name,
-             probe.source, boundaries.semantic_end, boundaries.structure_end, boundaries.refinement_start, table)
+    log.info("stages of %s, %s, %s evidence (semantic_end=%d, structure_end=%d, refinement_start=%d):\n%s",
+             cfg.model.name, probe.source, probe.evidence, boundaries.semantic_end, boundaries.structure_end,
+             boundaries.refinement_start, table)
+    if decided is not None:
+        log.info("decided evidence (%d continuations per prompt and scale; +- one standard error over prompts):\n%s",
+                 probe.continuations, decided_table(recorder, decided, schedule))
     warnings = [
         f"no {stage} stage: " + ("structure settles with semantics" if stage == "structure" else
                                  "a curve settles only at the last scale, so no scale is left to accelerate")
@@ -160,6 +181,9 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         "source": probe.source,
         "num_prompts": len(prompts),
         "metrics": list(metrics),
+        "evidence": probe.evidence,
+        "visible": stages["visible"],
+        "decided": None if decided is None else asdict(decided.boundaries),
         "semantic_end": boundaries.semantic_end,
         "structure_end": boundaries.structure_end,
         "refinement_start": boundaries.refinement_start,
@@ -168,6 +192,21 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         "stages_file": str(recorder.run_dir / "stages.json"),
         "code_version": stages["code_version"],
     }
+
+
+def decided_table(recorder: RunRecorder, decided: DecidedEvidence, schedule: list) -> str:
+    """tables/decided.csv: per scale, its decided stage and each metric's continuation-vs-original curve with its
+    standard error."""
+    names = list(decided.curves)
+    return recorder.log_table(
+        "decided",
+        ["scale", "grid", "decided stage"] + [column for name in names for column in (name, f"{name} se")],
+        [
+            [k, f"{h}x{w}", decided.boundaries.stage(k)]
+            + [value for name in names for value in (decided.curves[name][k], decided.stderr[name][k])]
+            for k, (h, w) in enumerate(schedule)
+        ],
+    )
 
 
 def applicable_metrics(metrics: dict[str, Metric], prompts: list[dict]) -> dict[str, Metric]:

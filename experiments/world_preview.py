@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import font_manager
+from matplotlib.ft2font import FT2Font
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -67,11 +69,13 @@ def caption_grid(
 ) -> Figure:
     """Images in a grid, each titled with its caption (at most three lines); with `passed`, marked ShapesEval pass
     (green) or fail (red). Panels shrink so that a large grid stays within GRID_MAX_INCHES."""
+    columns = max(1, min(columns, len(images)))  # one or two images: a narrow sheet, not a blank row of 8
     rows = -(-len(images) // columns)
     panel = min(2.2, GRID_MAX_INCHES[0] / columns, GRID_MAX_INCHES[1] / (PANEL_ASPECT * rows))
     fig, axes = plt.subplots(rows, columns, figsize=(panel * columns, panel * PANEL_ASPECT * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
+    captions = drawable(captions)
     for index, (axis, image, caption) in enumerate(zip(axes.flat, images, captions)):
         axis.imshow(image)
         color = "black"
@@ -82,3 +86,15 @@ def caption_grid(
         axis.set_title(title, fontsize=max(4, 7 * panel / 2.2), color=color)
     fig.tight_layout()
     return fig
+
+
+def drawable(captions: list[str]) -> list[str]:
+    """The captions with every character the figure font has no glyph for (e.g. CJK in DejaVu Sans) shown as ?,
+    said once, instead of matplotlib's warning per character and empty boxes."""
+    font = FT2Font(font_manager.findfont(font_manager.FontProperties(family=plt.rcParams["font.family"])))
+    missing = sorted({char for caption in captions for char in caption if font.get_char_index(ord(char)) == 0})
+    if not missing:
+        return captions
+    log.warning("the figure font (%s) cannot draw %s in the captions: they show as ? (the images and rows keep the "
+                "prompts as given)", font.family_name, "".join(missing[:20]) + ("..." if len(missing) > 20 else ""))
+    return ["".join("?" if char in missing else char for char in caption) for caption in captions]

@@ -29,23 +29,25 @@ class CheckpointError(UserError):
 
 
 def read_state_dict(
-    path: str | Path, *, key: str | None = None, config_key: str | None = None
+    path: str | Path, *, key: str | None = None, config_key: str | None = None, header_only: bool = False
 ) -> dict[str, Tensor]:
     """Read a flat {name: tensor} dict onto the CPU.
 
     `path`: a `.pth`/`.pt`/`.bin`/`.ckpt` file (torch.load with weights_only), a `.safetensors` file, or a
     sharded folder (or its `*.index.json`) in Hugging Face layout. `key`: where the weights sit inside a
     nested checkpoint, dotted for deeper levels (`'vae'`, `'trainer.gpt_fsdp'`). `config_key`: the config
-    key that named `path`, quoted in errors so the user knows what to change.
+    key that named `path`, quoted in errors so the user knows what to change. `header_only`: meta tensors
+    with the names and shapes of the file's tensors, read without their data (a safetensors file's header, a
+    torch file's pickle), to check a checkpoint against a model in milliseconds.
     """
     path = Path(path)
+    named_by = f" (set by config key `{config_key}`)" if config_key else ""
     if not path.exists():
-        named_by = f" (set by config key `{config_key}`)" if config_key else ""
         raise CheckpointError(f"checkpoint not found: {path}{named_by}; put the file there or point the key at it")
     if path.is_dir() or path.name.endswith(INDEX_SUFFIX):
-        content: object = _read_sharded(path)
+        content: object = _read_sharded(path, header_only)
     else:
-        content = _read_file(path)
+        content = _read_file(path, header_only, named_by)
     for part in key.split(".") if key else ():
         if not isinstance(content, Mapping) or part not in content:
             found = _first(sorted(map(str, content))) if isinstance(content, Mapping) else type(content).__name__
@@ -54,18 +56,25 @@ def read_state_dict(
     return _as_state_dict(content, path, key)
 
 
-def _read_file(path: Path) -> object:
+def _read_file(path: Path, header_only: bool = False, named_by: str = "") -> object:
     try:
         if path.suffix == SAFETENSORS_SUFFIX:
-            return safetensors.torch.load_file(path, device="cpu")
-        if path.suffix in TORCH_SUFFIXES:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _read_safetensors_header(path) if header_only else safetensors.torch.load_file(path, device="cpu")
+        if path.suffix in TORCH_SUFFIXES:  # on the meta device torch.load reads the pickle, not the tensor data
+            return torch.load(path, map_location="meta" if header_only else "cpu", weights_only=True)
     except Exception as err:  # every reader failure means the same thing to the user: this file is unusable
-        raise CheckpointError(f"cannot read checkpoint {path}: {_read_failure(err, path)}") from err
+        raise CheckpointError(f"cannot read checkpoint {path}{named_by}: {_read_failure(err, path)}") from err
     raise CheckpointError(
         f"unsupported checkpoint file {path}: expected a suffix in {(*TORCH_SUFFIXES, SAFETENSORS_SUFFIX)} "
         f"or a folder with a `*{INDEX_SUFFIX}`"
     )
+
+
+def _read_safetensors_header(path: Path) -> dict[str, Tensor]:
+    """Meta tensors shaped as the file's, from its header alone; safetensors refuses a header whose tensors the
+    file does not fully cover (a truncated file). Their dtype is torch's default: loading casts to the module's."""
+    with safetensors.safe_open(path, framework="pt") as file:
+        return {name: torch.empty(file.get_slice(name).get_shape(), device="meta") for name in file.keys()}
 
 
 def _read_failure(err: Exception, path: Path) -> str:
@@ -80,7 +89,7 @@ def _read_failure(err: Exception, path: Path) -> str:
     return f"{type(err).__name__}: {lines[0]} (expected a complete {kind} file holding a dict of tensors)"
 
 
-def _read_sharded(path: Path) -> dict[str, Tensor]:
+def _read_sharded(path: Path, header_only: bool = False) -> dict[str, Tensor]:
     if path.is_dir():
         indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
         if len(indexes) != 1:
@@ -97,7 +106,7 @@ def _read_sharded(path: Path) -> dict[str, Tensor]:
         shard_path = path.parent / shard_name
         if not shard_path.is_file():
             raise CheckpointError(f"{path} lists shard {shard_name}, but {shard_path} does not exist")
-        state_dict.update(_as_state_dict(_read_file(shard_path), shard_path, None))
+        state_dict.update(_as_state_dict(_read_file(shard_path, header_only), shard_path, None))
     absent = [name for name in weight_map if name not in state_dict]
     if absent:
         raise CheckpointError(
@@ -121,21 +130,22 @@ def _as_state_dict(content: object, path: Path, key: str | None) -> dict[str, Te
     return dict(content)
 
 
-def load_strict(
+def check_matches(
     module: nn.Module,
     state_dict: Mapping[str, Tensor],
     *,
     source: str,
     rename: Callable[[str], str] | None = None,
     ignore: tuple[str, ...] = (),
-) -> None:
-    """Fill every parameter and persistent buffer of `module` from `state_dict`, or nothing at all.
+) -> dict[str, Tensor]:
+    """The checkpoint's tensors under their module names, when they fill `module` exactly; nothing is loaded.
 
+    Exactly: every parameter and persistent buffer has a tensor of its shape, and no tensor lacks a place.
     `rename` maps checkpoint names to module names. `ignore` holds glob patterns of names that may be
     absent on either side (a name present on both sides still loads). Names that refer to one shared
-    tensor in the module (aliases) count as filled when any of them is in the checkpoint. Values are cast
-    to the module tensor's dtype; tensors of a meta-device module are replaced, others are copied into.
-    Raises CheckpointError listing missing, unexpected and wrong-shape keys; `source` names the file.
+    tensor in the module (aliases) count as filled when any of them is in the checkpoint. Either side may be
+    meta tensors (read_state_dict(header_only=True), a module built on the meta device): only names and shapes
+    count. Raises CheckpointError listing missing, unexpected and wrong-shape keys; `source` names the file.
     """
     targets = module.state_dict(keep_vars=True)
     incoming: dict[str, Tensor] = {}
@@ -150,12 +160,9 @@ def load_strict(
     def ignored(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in ignore)
 
-    aliases: dict[int, list[str]] = {}
-    for name, tensor in targets.items():
-        aliases.setdefault(id(tensor), []).append(name)
-    unfilled = [names for names in aliases.values() if not any(name in incoming for name in names)]
     missing = [
-        f"{names[0]} {tuple(targets[names[0]].shape)}" for names in unfilled if not any(ignored(name) for name in names)
+        f"{names[0]} {tuple(targets[names[0]].shape)}"
+        for names in _unfilled(targets, incoming) if not any(ignored(name) for name in names)
     ]
     unexpected = [
         f"{name} {tuple(value.shape)}" for name, value in incoming.items() if name not in targets and not ignored(name)
@@ -175,7 +182,25 @@ def load_strict(
             f"{source} does not match {type(module).__name__} ({len(targets)} module tensors, "
             f"{len(state_dict)} in the checkpoint); nothing was loaded. " + "; ".join(problems)
         )
-    left_on_meta = [names[0] for names in unfilled if targets[names[0]].is_meta]
+    return incoming
+
+
+def load_strict(
+    module: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    source: str,
+    rename: Callable[[str], str] | None = None,
+    ignore: tuple[str, ...] = (),
+) -> None:
+    """Fill every parameter and persistent buffer of `module` from `state_dict`, or nothing at all.
+
+    `rename` and `ignore` as check_matches, whose errors this raises. Values are cast to the module tensor's
+    dtype; tensors of a meta-device module are replaced, others are copied into.
+    """
+    incoming = check_matches(module, state_dict, source=source, rename=rename, ignore=ignore)
+    targets = module.state_dict(keep_vars=True)
+    left_on_meta = [names[0] for names in _unfilled(targets, incoming) if targets[names[0]].is_meta]
     if left_on_meta:
         raise CheckpointError(
             f"{source}: ignored tensors absent from the checkpoint have no values in the module (meta device): "
@@ -190,6 +215,14 @@ def load_strict(
     }
     with torch.no_grad():
         module.load_state_dict(to_load, strict=False, assign=on_meta)
+
+
+def _unfilled(targets: Mapping[str, Tensor], incoming: Mapping[str, Tensor]) -> list[list[str]]:
+    """The module's tensors the checkpoint leaves empty, each as the list of its names (aliases share one)."""
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in targets.items():
+        aliases.setdefault(id(tensor), []).append(name)
+    return [names for names in aliases.values() if not any(name in incoming for name in names)]
 
 
 def save_safetensors(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str]) -> None:

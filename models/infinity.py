@@ -57,10 +57,16 @@ class InfinityConfig:
         return max(1, self.text_channels // 128 if self.text_channels <= 4096 else self.text_channels // 64)
 
     def __post_init__(self) -> None:
+        counts = ("depth", "embed_dim", "num_heads", "text_channels", "text_maxlen", "bits_per_token", "block_chunks",
+                  "num_levels")
+        for name in counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a whole number >= 1")
         if self.embed_dim % self.num_heads or self.head_dim % 4:
-            raise ValueError(f"embed_dim {self.embed_dim} must split into {self.num_heads} heads of a size divisible by 4")
+            raise ValueError(f"embed_dim={self.embed_dim} must split into {self.num_heads} heads of a size divisible by 4")
         if self.depth % self.block_chunks:
-            raise ValueError(f"depth {self.depth} must be a multiple of block_chunks {self.block_chunks}")
+            raise ValueError(f"depth={self.depth} must be a multiple of block_chunks={self.block_chunks}")
 
     @classmethod
     def infinity_2b(cls) -> InfinityConfig:
@@ -169,6 +175,19 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         self.filled[layer] = end
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def copy(self) -> KVCache:
+        """A cache of its own with the same entries, for a fork of a generation to write its next scales into.
+        Only the filled tokens are copied: the rest of each buffer is written before it is read."""
+        copied = KVCache(len(self.keys), self.capacity)
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            if keys is not None:
+                end = self.filled[layer]
+                copied.keys[layer], copied.values[layer] = keys.new_empty(keys.shape), values.new_empty(values.shape)
+                copied.keys[layer][:, :, :end] = keys[:, :, :end]
+                copied.values[layer][:, :, :end] = values[:, :, :end]
+        copied.filled = list(self.filled)
+        return copied
 
     def keep_rows(self, index: Tensor | slice) -> None:
         """Keep only some batch rows, e.g. the null-text half when CFG is dropped."""

@@ -3,7 +3,9 @@
 `build_model(cfg.model, device)` instantiates the `_target_` of a `conf/model/*.yaml`: `load_infinity` for the
 official Infinity-2B / 8B files, `load_tiny` for the small default model committed under `checkpoints/tiny`.
 Every weight file is checked before anything is built, and a missing one is an error naming the file, the
-config key that points at it, and the folder layout expected.
+config key that points at it, and the folder layout expected. `check_model_weights` reads only the files' headers
+(tensor names and shapes) against a model built on the meta device, so a truncated, foreign or mis-shaped file is
+refused in milliseconds, before a run starts (experiments/config_checks.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
@@ -19,10 +21,11 @@ from typing import Protocol
 import hydra.utils
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from errors import UserError
 from models.bsq_vae import BSQVAE, BSQVAEConfig, vae_checkpoint_name
-from models.checkpoint import load_strict, read_state_dict
+from models.checkpoint import check_matches, load_strict, read_state_dict
 from models.infinity import Infinity, InfinityConfig
 from models.schedules import Grid, full_template, infinity_schedule, parse_schedule
 from models.text_encoder import T5TextEncoder, TextTokens, WordTextEncoder, WordTextEncoderConfig
@@ -103,6 +106,57 @@ def missing_model_files(model_cfg: DictConfig) -> list[str]:
     return [f"model.files.{key}: {path}" for key, path in paths.items() if not path.exists()]
 
 
+@dataclass(frozen=True)
+class WeightFile:
+    """One checkpoint file (model.files.<part>) and how its tensor names map onto the model part it fills."""
+
+    part: str  # the TextToImageModel attribute: transformer, vae or text_encoder
+    path: Path
+    key: str | None = None  # where the weights sit inside a nested checkpoint
+    rename: Callable[[str], str] | None = None
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def config_key(self) -> str:
+        return f"model.files.{self.part}"
+
+    @property
+    def source(self) -> str:  # what errors name: the file and the key that points at it
+        return f"{self.path} ({self.config_key})"
+
+    def load_into(self, module: nn.Module) -> None:
+        weights = read_state_dict(self.path, key=self.key, config_key=self.config_key)
+        load_strict(module, weights, source=self.source, rename=self.rename, ignore=self.ignore)
+
+    def check_against(self, module: nn.Module) -> None:
+        """The file's tensor names and shapes against `module`'s (built on the meta device), its data unread."""
+        header = read_state_dict(self.path, key=self.key, config_key=self.config_key, header_only=True)
+        check_matches(module, header, source=self.source, rename=self.rename, ignore=self.ignore)
+
+
+def check_model_weights(model_cfg: DictConfig) -> None:
+    """Every weight file of a `conf/model/*.yaml` node against the model's tensor names and shapes, from the files'
+    headers (no tensor data is read, the model is built on the meta device). The files must exist
+    (missing_model_files says)."""
+    meta = torch.device("meta")
+    if hydra.utils.get_method(model_cfg._target_) is load_tiny:
+        paths = tiny_paths(model_cfg.checkpoint_dir, model_cfg.files)
+        with meta:
+            model = tiny_from_config(json.loads(paths["config"].read_text()), model_cfg.name, meta)
+        weight_files = tiny_weight_files(paths)
+        parts = {weight_file.part: getattr(model, weight_file.part) for weight_file in weight_files}
+    elif model_cfg.random_init:
+        return
+    else:
+        make_transformer_config, make_vae_config = _ARCHS[model_cfg.arch]
+        with meta:
+            parts = {"transformer": Infinity(make_transformer_config()), "vae": BSQVAE(make_vae_config())}
+        weight_files = infinity_weight_files({key: _resolve(model_cfg.weights_dir, name)
+                                              for key, name in model_cfg.files.items()})
+    for weight_file in weight_files:
+        weight_file.check_against(parts[weight_file.part])
+
+
 def schedule_and_transformer(model_cfg: DictConfig) -> tuple[list[Grid], InfinityConfig]:
     """The scale schedule and transformer config a `conf/model/*.yaml` node describes, building nothing
     (for checks before any compute). The tiny model's files must exist (missing_model_files says)."""
@@ -160,10 +214,9 @@ def load_infinity(
     if random_init:
         transformer.init_weights()
     else:
-        weights = read_state_dict(paths["transformer"], config_key="model.files.transformer")
-        load_strict(transformer, weights, source=str(paths["transformer"]), ignore=("*.zero_k_bias",))
-        vae_weights = read_state_dict(paths["vae"], key="vae", config_key="model.files.vae")
-        load_strict(vae, vae_weights, source=str(paths["vae"]), rename=vae_checkpoint_name)
+        parts = {"transformer": transformer, "vae": vae}
+        for weight_file in infinity_weight_files(paths):
+            weight_file.load_into(parts[weight_file.part])
 
     if paths["text_encoder"].exists():
         text_encoder = T5TextEncoder(paths["text_encoder"], device=device)
@@ -179,6 +232,14 @@ def load_infinity(
         name, transformer, vae.to(device).eval(), text_encoder, schedule,
         rope_grid=full_template(h_div_w)[-1], device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None,
     )
+
+
+def infinity_weight_files(paths: Mapping[str, Path]) -> list[WeightFile]:
+    """The official transformer and VAE files (the T5 folder is transformers' to read)."""
+    return [
+        WeightFile("transformer", paths["transformer"], ignore=("*.zero_k_bias",)),
+        WeightFile("vae", paths["vae"], key="vae", rename=vae_checkpoint_name),
+    ]
 
 
 class RandomTextFeatures:
@@ -223,9 +284,13 @@ def load_tiny(
             "(or model.files.<key>) at your files."
         )
     model = tiny_from_config(json.loads(paths["config"].read_text()), name, device)
-    for part in ("transformer", "vae", "text_encoder"):
-        load_strict(getattr(model, part), read_state_dict(paths[part]), source=str(paths[part]))
+    for weight_file in tiny_weight_files(paths):
+        weight_file.load_into(getattr(model, weight_file.part))
     return model
+
+
+def tiny_weight_files(paths: Mapping[str, Path]) -> list[WeightFile]:
+    return [WeightFile(part, paths[part]) for part in ("transformer", "vae", "text_encoder")]
 
 
 def tiny_paths(checkpoint_dir: str, files: Mapping[str, str]) -> dict[str, Path]:

@@ -7,6 +7,8 @@ template, so a 0.06M run still uses the 64x64 coordinates of the 1:1 template.
 
 from __future__ import annotations
 
+import math
+
 from errors import UserError
 
 Grid = tuple[int, int]
@@ -37,8 +39,8 @@ def _parse(template: str) -> list[Grid]:
 
 def full_template(h_div_w: float) -> list[Grid]:
     """The 13-step 1M template whose aspect ratio is nearest to `h_div_w` (height / width)."""
-    if h_div_w <= 0:
-        raise UserError(f"model.h_div_w must be positive (height / width), got {h_div_w}")
+    if isinstance(h_div_w, bool) or not isinstance(h_div_w, (int, float)) or not 0 < h_div_w < math.inf:
+        raise UserError(f"model.h_div_w={h_div_w!r} must be a positive number (height / width)")
     nearest = min(_OFFICIAL_ORDER, key=lambda r: abs(r - h_div_w))  # min keeps the first of equal distances
     if nearest in _WIDE_TEMPLATES:
         return _parse(_WIDE_TEMPLATES[nearest])

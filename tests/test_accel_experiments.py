@@ -3,6 +3,7 @@ end to end on a small random checkpoint, through run.py in this process."""
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from accel.policies import ModelSpec, build_policy
 from analysis.stages import StageBoundaries, StageRule, write_stages
 from errors import UserError
 from experiments.accel_common import (
+    Method,
     ParetoPoint,
     PeakMemory,
     Timing,
     accel_option,
+    check_policies,
     methods_from,
     paired_delta,
     pareto_front,
@@ -27,7 +30,7 @@ from experiments.accel_common import (
 )
 from experiments.benchmark import infinity_2b_macs
 
-from helpers import quick_overrides, read_rows, run_py, write_small_checkpoint
+from helpers import CHECKPOINT_CONFIG, quick_overrides, read_rows, run_py, write_small_checkpoint
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -142,6 +145,57 @@ def test_benchmark_stages_file_sets_the_refinement_start_of_the_stage_aware_meth
         default = compose("config", ["experiment=benchmark"])
     policies = {method.label: build_policy(method.accel, spec) for method in methods_from(default.benchmark.methods)}
     assert policies["cfg_drop"].refinement_start == len(schedule) - 3  # the paper's last 3
+
+
+def stages_without_refinement(folder: Path) -> Path:
+    """A stages.json of the small checkpoint whose probe found no refinement stage (as the default model's does)."""
+    schedule = [[side, side] for side in CHECKPOINT_CONFIG["schedule"]]
+    path = folder / "stages.json"
+    write_stages(path, model="tiny", schedule=schedule, boundaries=StageBoundaries(1, 2, len(schedule)),
+                 ranks={"per_scale": [1] * len(schedule)}, rule=StageRule(), semantic_curves={}, structural_curves={},
+                 num_prompts=1, code_version="test")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["experiment=accel_compare", "accel_compare.methods=[{label: s, accel: skipvar, overrides: {skip_last: 0}}]"],
+         "s (conf/accel/skipvar.yaml) is a no-op: its plan runs every scale as the baseline does"),
+        (["experiment=accel_eval", "accel=cfg_drop", "model.sampling.cfg=1"],
+         "model.sampling.cfg=1 runs no second CFG"),
+        (["experiment=accel_eval", "accel.refinement_start=4"],
+         "set accel.refinement_start to a scale of the schedule"),
+        (["experiment=accel_compare",
+          "accel_compare.methods=[{label: probed, accel: cfg_drop, overrides: {stages_file: 'STAGES'}}]"],
+         "set stages_file in the overrides of method probed to a stages.json"),
+    ],
+)
+def test_every_kind_of_no_op_policy_is_refused_with_its_reason_and_fix(
+    checkpoint: Path, tmp_path: Path, overrides: list[str], message: str
+):
+    overrides = [override.replace("STAGES", str(stages_without_refinement(tmp_path))) for override in overrides]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", [*overrides, f"model.checkpoint_dir={checkpoint}"])
+        allowed = compose("config", [*overrides, f"model.checkpoint_dir={checkpoint}", "accel.allow_noop=true"])
+    settings = cfg[cfg.task]
+    methods = methods_from(settings.methods) if "methods" in settings else [Method(cfg.accel.name, cfg.accel)]
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_policies(cfg, methods)
+    check_policies(allowed, methods)
+
+
+def test_a_no_op_policy_stops_accel_eval_before_anything_runs(capsys, checkpoint: Path, tmp_path: Path):
+    # Before: "changes nothing" in the log, then the whole evaluation (28 minutes on the default model) for 1.000x.
+    stages = stages_without_refinement(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_py("experiment=accel_eval", *quick_overrides(checkpoint, tmp_path / "outputs"),
+               f"accel.stages_file={stages}")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: stagevar (conf/accel/stagevar.yaml) is a no-op")
+    assert f"the stages file {stages} has no refinement stage (refinement_start=4 of 4 scales)" in err
+    assert "set accel.stages_file to a stages.json of tiny" in err and "accel.allow_noop=true" in err
+    assert not list((tmp_path / "outputs").rglob("*"))  # no run folder
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch import nn
 
 from errors import UserError
 from models.bsq_vae import BSQVAE, BSQVAEConfig, vae_checkpoint_name
-from models.checkpoint import CheckpointError, load_strict, read_state_dict, save_safetensors
+from models.checkpoint import CheckpointError, check_matches, load_strict, read_state_dict, save_safetensors
 
 
 class Small(nn.Module):
@@ -52,25 +52,47 @@ def write_sharded(folder: Path, state_dict: dict, suffix: str) -> None:
     (folder / f"model{suffix}.index.json").write_text(json.dumps(index))
 
 
-@pytest.mark.parametrize("layout", ["pth", "safetensors", "sharded-safetensors", "sharded-bin", "index-file"])
-def test_round_trip_in_every_format(tmp_path, layout):
-    source, target = small(0), small(1)
-    state_dict = source.state_dict()
+LAYOUTS = ["pth", "safetensors", "sharded-safetensors", "sharded-bin", "index-file"]
+
+
+def write_in(layout: str, folder: Path, state_dict: dict) -> Path:
+    """`state_dict` saved in one of the LAYOUTS; the path to read it from."""
     if layout == "pth":
-        path = tmp_path / "model.pth"
+        path = folder / "model.pth"
         torch.save(state_dict, path)
     elif layout == "safetensors":
-        path = tmp_path / "model.safetensors"
+        path = folder / "model.safetensors"
         save_safetensors(state_dict, path, {"step": "3"})
     else:
-        path = tmp_path / "shards"
+        path = folder / "shards"
         path.mkdir()
         write_sharded(path, state_dict, ".bin" if layout == "sharded-bin" else ".safetensors")
         if layout == "index-file":
             path = next(path.glob("*.index.json"))
+    return path
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_round_trip_in_every_format(tmp_path, layout):
+    source, target = small(0), small(1)
+    path = write_in(layout, tmp_path, source.state_dict())
     load_strict(target, read_state_dict(path), source=str(path))
     assert_same_tensors(source, target)
     assert target.head is target.head_alias
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_header_gives_the_names_and_shapes_without_the_data(tmp_path, layout):
+    state_dict = small(0).state_dict()
+    header = read_state_dict(write_in(layout, tmp_path, state_dict), header_only=True)
+    assert {name: value.shape for name, value in header.items()} == {name: v.shape for name, v in state_dict.items()}
+    assert all(value.is_meta for value in header.values())
+    with torch.device("meta"):
+        skeleton = Small()
+    check_matches(skeleton, header, source="model")  # what a run checks before it starts
+    header["linear.weight"] = torch.empty(4, 5, device="meta")
+    with pytest.raises(CheckpointError, match=r"wrong shape: linear.weight: checkpoint \(4, 5\) vs module \(4, 3\)"):
+        check_matches(skeleton, header, source="model")
 
 
 def test_save_safetensors_keeps_metadata(tmp_path):
@@ -101,16 +123,17 @@ def test_missing_file_names_path_and_config_key(tmp_path):
     assert str(path) in str(err.value) and "model.vae.path" in str(err.value)
 
 
+@pytest.mark.parametrize("header_only", [False, True])
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_truncated_file_is_refused(tmp_path, suffix):
+def test_truncated_file_is_refused(tmp_path, suffix, header_only):
     path = tmp_path / f"model{suffix}"
     if suffix == ".safetensors":
         save_safetensors(small(0).state_dict(), path, {})
     else:
         torch.save(small(0).state_dict(), path)
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=re.escape(f"cannot read checkpoint {path}")):
-        read_state_dict(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size - 10])  # only the end of the data is lost
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot read checkpoint {path} (set by config key `m.f`)")):
+        read_state_dict(path, config_key="m.f", header_only=header_only)
 
 
 @pytest.mark.parametrize(

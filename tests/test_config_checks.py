@@ -11,7 +11,9 @@ import pytest
 import torch
 import wandb
 
-from helpers import run_py
+from experiments import config_checks
+from helpers import run_py, write_small_checkpoint
+from models.checkpoint import read_state_dict, save_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +78,26 @@ def test_an_empty_prompts_file_is_refused(capsys, tmp_path: Path):
     )
 
 
+@pytest.mark.parametrize("damage", ["truncated", "foreign names", "wrong shape"])
+def test_a_bad_weight_file_stops_the_run_before_its_folder_and_w_and_b(capsys, tmp_path: Path, damage: str):
+    # The default logger (W&B offline): before the headers were checked, each left a failed run folder with W&B in it.
+    checkpoint = write_small_checkpoint(tmp_path / "checkpoint")
+    path = checkpoint / "transformer.safetensors"
+    weights = read_state_dict(path)
+    name = sorted(weights)[0]
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-10])
+        named = "cannot read checkpoint"
+    elif damage == "foreign names":
+        save_safetensors({f"model.{key}": value for key, value in weights.items()}, path, {})
+        named = f"unexpected: model.{name}"
+    else:
+        save_safetensors({**weights, name: torch.zeros(weights[name].shape[0] + 1, *weights[name].shape[1:])}, path, {})
+        named = f"wrong shape: {name}"
+    err = refused(capsys, tmp_path / "outputs", "experiment=generate", f"model.checkpoint_dir={checkpoint}")
+    assert str(path) in err and "model.files.transformer" in err and named in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_cuda_without_a_gpu_is_refused(capsys, tmp_path: Path):
     assert "device=cuda but this machine has no usable CUDA GPU" in refused(
@@ -136,6 +158,19 @@ def test_online_wandb_without_its_server_is_refused_in_seconds(capsys, tmp_path:
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
     err = refused(capsys, tmp_path / "outputs", "experiment=world_preview", "logger=wandb", "logger.mode=online")
     assert "cannot reach the W&B server http://127.0.0.1:9" in err
+
+
+@pytest.mark.usefixtures("fresh_wandb")
+def test_online_wandb_whose_server_never_answers_is_refused_within_the_probe_bound(
+    capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(config_checks, "WANDB_PROBE_SECONDS", 0.5)
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
+    server = socket.create_server(("127.0.0.1", 0))  # takes connections (its backlog), never answers
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    with server:
+        err = refused(capsys, tmp_path / "outputs", "experiment=world_preview", "logger=wandb", "logger.mode=online")
+    assert "took the connection but did not answer within 0.5 s" in err
 
 
 def test_a_sweep_job_with_a_bad_value_leaves_no_folder(capsys, tmp_path: Path):

@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from analysis.fid import InceptionFeatures, frechet_distance
+from analysis.fid import InceptionFeatures, frechet_distance, reference_features
 
 
 def test_frechet_distance_equals_the_matrix_square_root_formula():
@@ -22,6 +22,36 @@ def test_frechet_distance_equals_the_matrix_square_root_formula():
 
 def test_inception_features_run_offline():
     images = [np.zeros((32, 32, 3), np.uint8), np.full((48, 48, 3), 200, np.uint8)]
-    features = InceptionFeatures(torch.device("cpu"))(images)
+    inception = InceptionFeatures(torch.device("cpu"))
+    features = inception(images)
     assert features.shape == (2, 2048) and np.isfinite(features).all()
     assert not np.allclose(features[0], features[1])
+    assert inception.identity.startswith("inception ") and inception.identity.endswith(", cpu")  # the cache key's
+
+
+class CountingFeatures:
+    """A stand-in feature extractor: the mean colour of each image, and how many times it was called."""
+
+    identity = "mean colour"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images):
+        self.calls += 1
+        return np.stack([image.reshape(-1, 3).mean(0) for image in images])
+
+
+def test_reference_features_are_computed_once_per_reference_set(tmp_path):
+    references = [np.full((8, 8, 3), value, np.uint8) for value in (10, 200)]
+    extract = CountingFeatures()
+    first = reference_features(extract, references, tmp_path / "cache")
+    again = reference_features(extract, [image.copy() for image in references], tmp_path / "cache")
+    assert extract.calls == 1 and np.array_equal(first, again)  # the second run reads the cache
+    changed = [references[0], np.full((8, 8, 3), 201, np.uint8)]
+    assert reference_features(extract, changed, tmp_path / "cache")[1, 0] == 201 and extract.calls == 2
+    other = CountingFeatures()
+    other.identity = "another network"
+    reference_features(other, references, tmp_path / "cache")
+    assert other.calls == 1  # another extractor's features are its own
+    assert not list((tmp_path / "cache").glob("*.tmp"))

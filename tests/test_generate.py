@@ -21,6 +21,7 @@ def test_generate_scores_the_suite_and_takes_fid_against_the_world(tmp_path: Pat
     assert set(summary["shapes_eval"]["per_category"]) <= {"single_object", "two_object", "counting", "colors",
                                                            "position", "color_attr"}
     assert np.isfinite(summary["fid_vs_world"]) and summary["fid_vs_world"] > 0  # random weights draw no world
+    assert len(list((tmp_path / "cache").glob("fid_reference_*.npy"))) == 1  # paths.cache_dir: the renders' features
     assert len(list((run_dir / "images").glob("*.png"))) == 4
 
 

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import torch
+
 from errors import UserError
-from models.pipeline import build_model
+from models.pipeline import build_model, check_model_weights
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = str(REPO / "conf")
@@ -28,6 +30,16 @@ def test_missing_official_weights_fail_fast_naming_every_file(tmp_path, name, fi
     for file in files:
         assert str(tmp_path / file) in message
     assert "model.files.transformer" in message and "STAGEVAR_WEIGHTS_DIR" in message
+
+
+def test_official_weights_are_checked_from_their_pickle_against_a_meta_model(tmp_path):
+    # Infinity-2B's names and shapes, no tensor read: a foreign .pth is refused before any run folder exists.
+    torch.save({"model.weight": torch.zeros(2)}, tmp_path / "infinity_2b_reg.pth")
+    torch.save({"vae": {}}, tmp_path / "infinity_vae_d32reg.pth")
+    (tmp_path / "flan-t5-xl").mkdir()
+    with pytest.raises(UserError, match=r"infinity_2b_reg.pth \(model.files.transformer\) does not match Infinity "
+                                        r"\(\d+ module tensors, 1 in the checkpoint\).*1 unexpected: model.weight"):
+        check_model_weights(model_config("infinity2b", f"paths.weights_dir={tmp_path}"))
 
 
 def test_missing_tiny_checkpoint_names_the_files_and_how_to_get_them(tmp_path):

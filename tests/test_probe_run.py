@@ -2,6 +2,7 @@
 leaves, the notebook that redraws them, and the errors that stop it before any compute."""
 
 import json
+from dataclasses import astuple
 from pathlib import Path
 
 import nbformat
@@ -14,10 +15,10 @@ from omegaconf import OmegaConf
 
 from accel.sampler import to_uint8
 
-from accel.policies import ModelSpec, build_policy
+from accel.policies import CFGDropPolicy, ModelSpec, build_policy
 from analysis.plots import load_probe_run, probe_figures
 from analysis.ranks import aggregate_rank
-from analysis.rows import rank_key, scale_means
+from analysis.rows import decided_key, rank_key, scale_means, scale_stderrs, spread_key
 from analysis.stages import StageBoundaries, load_stages, settling_scale
 from errors import UserError
 from evals.prompts import load_prompts, spread
@@ -87,7 +88,7 @@ def test_the_run_folder_holds_rows_stages_and_figures(run_dir: Path):
     assert sorted(path.stem for path in (run_dir / "figures").glob("*.png")) == sorted([
         "fig1a_semantic_curves", "fig1b_structural_curves", "fidelity_curves", "fig1c_frequency_band_changes",
         "partial_images",
-        "power_spectra", "singular_value_spectra", "rank_fraction",
+        "power_spectra", "singular_value_spectra", "rank_fraction", "visible_vs_decided",
     ])
     strip = load_probe_run(run_dir).strip
     assert len(strip) == 2 and all(len(images) == NUM_SCALES for images in strip.values())  # across both batches
@@ -113,28 +114,64 @@ def test_the_released_stagevar_takes_its_per_chunk_ranks_from_the_probe(run_dir:
         build_policy(OmegaConf.merge(accel, {"alpha": 0.5}), ModelSpec("tiny", list(model.schedule), 2, 1))
 
 
+def rule_boundaries(curves: dict, rule: dict) -> StageBoundaries:
+    semantic_end = max(settling_scale(curves[m], rule["semantic_tolerance"]) for m in rule["semantic_metrics"])
+    structure_end = max(settling_scale(curves[m], rule["structure_tolerance"]) for m in rule["structural_metrics"])
+    return StageBoundaries(semantic_end, structure_end, max(semantic_end, structure_end) + 1)
+
+
 def test_boundaries_follow_the_rule_on_the_curves_of_the_rows(run_dir: Path):
     stages = json.loads((run_dir / "stages.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     rule = stages["rule"]
     for name, curve in stages["curves"].items():
         assert curve == pytest.approx(scale_means(rows, name, NUM_SCALES))  # decided on what the rows hold
-    semantic_end = max(settling_scale(stages["curves"][m], rule["semantic_tolerance"]) for m in rule["semantic_metrics"])
-    structure_end = max(settling_scale(stages["curves"][m], rule["structure_tolerance"]) for m in rule["structural_metrics"])
-    assert (stages["semantic_end"], stages["structure_end"]) == (semantic_end, structure_end)
-    assert stages["refinement_start"] == max(semantic_end, structure_end) + 1
+    assert StageBoundaries(**stages["visible"]) == rule_boundaries(stages["curves"], rule)
     assert rule["semantic_metrics"] == ["shapes_composition"]
     assert rule["structural_metrics"] == ["shapes_eval", "ms_ssim", "st_lpips"]
     assert rule["fidelity_metrics"] == ["ssim", "gmsd"]  # drawn, but they decide no boundary
     assert stages["source"] == "model"
 
 
+def test_the_decided_curves_compare_continuations_with_the_original_and_both_feeds_the_later_boundaries(run_dir: Path):
+    stages = json.loads((run_dir / "stages.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    decided = stages["decided"]
+    assert stages["evidence"] == "both" and decided["continuations"] == 2  # the defaults
+    for name, curve in decided["curves"].items():
+        assert curve == pytest.approx(scale_means(rows, decided_key(name), NUM_SCALES))
+        assert decided["spread"][name] == pytest.approx(scale_means(rows, spread_key(name), NUM_SCALES))
+        assert decided["stderr"][name] == pytest.approx(scale_stderrs(rows, decided_key(name), NUM_SCALES))
+    for name in ("ms_ssim", "st_lpips", "ssim", "gmsd"):  # forked after the last scale, a continuation is the original
+        assert decided["curves"][name][-1] == pytest.approx(stages["curves"][name][-1], abs=1e-6)
+    assert decided["curves"]["shapes_eval"][-1] == 1  # the same verdict
+    found = rule_boundaries(decided["curves"], stages["rule"])
+    assert StageBoundaries(**{key: decided[key] for key in stages["visible"]}) == found
+    fed = StageBoundaries(**stages["visible"]).later(found)
+    assert (stages["semantic_end"], stages["structure_end"], stages["refinement_start"]) == astuple(fed)
+
+
+def test_decided_evidence_alone_feeds_the_sampler_and_one_continuation_has_no_spread(checkpoint: Path, tmp_path: Path):
+    run_dir = probe_run(checkpoint, tmp_path, "probe.evidence=decided", "probe.continuations=1")
+    schedule = [(side, side) for side in CONFIG_64PX["schedule"]]
+    stages = load_stages(run_dir / "stages.json", "tiny", schedule)  # the reader the policies use
+    decided = stages["decided"]
+    assert stages["evidence"] == "decided" and decided["continuations"] == 1 and decided["spread"] == {}
+    assert all(stages[key] == decided[key] for key in ("semantic_end", "structure_end", "refinement_start"))
+    assert set(stages["visible"]) == {"semantic_end", "structure_end", "refinement_start"}  # kept beside
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert all(decided_key("ssim") in row and spread_key("ssim") not in row for row in rows)
+    policy = CFGDropPolicy(ModelSpec("tiny", schedule, 2, 1), stages_file=str(run_dir / "stages.json"))
+    assert policy.refinement_start == decided["refinement_start"]
+    assert (run_dir / "figures" / "visible_vs_decided.png").is_file()
+
+
 def test_the_ground_truth_probe_decodes_the_worlds_own_bits_whatever_the_sampling(checkpoint: Path, tmp_path: Path):
     """probe.source=ground_truth: the partial images are the world renders' multi-scale codes (renders drawn with
     the run's seed), so the last one is the VAE's reconstruction, and no sampling setting changes them."""
-    first = probe_run(checkpoint, tmp_path / "first", "probe.source=ground_truth")
-    second = probe_run(checkpoint, tmp_path / "second", "probe.source=ground_truth", "model.sampling.tau=1.0",
-                       "model.sampling.cfg=4")
+    first = probe_run(checkpoint, tmp_path / "first", "probe.source=ground_truth", "probe.evidence=visible")
+    second = probe_run(checkpoint, tmp_path / "second", "probe.source=ground_truth", "probe.evidence=visible",
+                       "model.sampling.tau=1.0", "model.sampling.cfg=4")
     model = small_model(CONFIG_64PX)
     prompts = spread(load_prompts(probe_config().prompts), NUM_PROMPTS)
     renders = world_renders(prompts, model, seed=0)
@@ -163,7 +200,7 @@ def test_the_notebook_redraws_every_figure_from_the_run_folder(run_dir: Path, mo
     notebook = nbformat.read(REPO / "notebooks" / "stage_probe.ipynb", as_version=4)
     NotebookClient(notebook, timeout=120, resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
-    assert sum("image/png" in output.get("data", {}) for output in outputs) == 8
+    assert sum("image/png" in output.get("data", {}) for output in outputs) == 9
     assert any("refinement_start=" in output.get("text", "") for output in outputs)
 
 
@@ -198,7 +235,11 @@ def test_a_missing_tiny_checkpoint_is_named_file_by_file(tmp_path: Path):
         (["probe.num_prompts=0"], "probe.num_prompts=0"),
         (["stages.rule.semantic_tolerance=2"], "stages.rule.semantic_tolerance=2"),
         (["probe.source=truth"], "probe.source='truth': use one of model, ground_truth"),
-        (["probe.source=ground_truth", "prompts=list", "prompts.texts=[a red cube]"], "needs prompts=shapes_eval"),
+        (["probe.source=ground_truth", "probe.evidence=visible", "prompts=list", "prompts.texts=[a red cube]"],
+         "needs prompts=shapes_eval"),
+        (["probe.source=ground_truth"], "probe.source=ground_truth takes every scale's bits.*probe.evidence=visible"),
+        (["probe.evidence=seen"], "probe.evidence='seen': use one of visible, decided, both"),
+        (["probe.continuations=0"], "probe.continuations=0 must be a positive whole number"),
     ],
 )
 def test_bad_settings_are_reported_before_any_compute(tmp_path: Path, overrides: list[str], message: str):

@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[dict]
     """stages.json and the rows of a probe of 8 shapes-suite prompts with the default (offline) metrics."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", ["experiment=stage_probe", "logger=none", "device=cpu", "probe.num_prompts=8",
-                                 "probe.batch_size=8", "probe.strip_prompts=0"])
+                                 "probe.batch_size=8", "probe.strip_prompts=0", "probe.evidence=visible"])
     run_dir = tmp_path_factory.mktemp("tiny_probe")
     with RunRecorder(cfg, run_dir) as recorder:
         recorder.finish(stage_probe.run(cfg, recorder))

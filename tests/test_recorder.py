@@ -1,5 +1,6 @@
 """RunRecorder: what a run folder holds after a finished, failed or interrupted run."""
 
+import contextlib
 import csv
 import json
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from errors import UserError
 from experiments.recorder import RunRecorder, format_table
 
 
@@ -135,6 +137,31 @@ def test_offline_wandb_keeps_its_files_in_the_run_folder(tmp_path: Path):
     assert len(offline_runs) == 1
     assert list(offline_runs[0].glob("run-*.wandb"))  # the file `wandb sync` uploads
     assert list(offline_runs[0].glob("files/media/images/**/*.png"))
+
+
+@pytest.mark.parametrize("outcome", ["complete", "failed"])
+def test_a_failed_run_leaves_no_offline_wandb_run_and_no_upload_hint(tmp_path: Path, caplog, outcome: str):
+    cfg = make_cfg(name="wandb", mode="offline", project="stagevar-test", entity=None, tags=[])
+    with caplog.at_level("INFO"), contextlib.suppress(RuntimeError):
+        with RunRecorder(cfg, tmp_path) as recorder:
+            recorder.log({"index": 0, "score": 0.5})
+            if outcome == "failed":
+                raise RuntimeError("bad weights")
+            recorder.finish({})
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == outcome
+    if outcome == "failed":
+        assert not (tmp_path / "wandb").exists() and "wandb sync" not in caplog.text
+    else:
+        (offline_run,) = (tmp_path / "wandb").glob("offline-run-*")
+        assert f"wandb sync {offline_run}" in caplog.text
+
+
+def test_an_error_while_the_run_starts_marks_its_folder_failed(tmp_path: Path):
+    (tmp_path / "results.jsonl").write_text("not json\n")  # an earlier attempt's rows, damaged
+    with pytest.raises(UserError, match="line 1: not a JSON row"):
+        with RunRecorder(make_cfg(), tmp_path, resumable=True):
+            pass
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
 
 
 def test_without_wandb_installed_logger_none_still_records(tmp_path: Path):

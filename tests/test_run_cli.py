@@ -88,20 +88,6 @@ def test_w_and_b_says_one_line_of_ours_unless_verbose(tmp_path: Path):
     assert verbose.returncode == 0 and "wandb:" in verbose.stdout + verbose.stderr  # W&B's own banner
 
 
-def test_without_an_experiment_the_experiments_are_listed(tmp_path: Path):
-    result = wait(start_run(output_root=tmp_path))
-    assert result.returncode != 0
-    assert "experiment=" in result.stderr and "world_preview" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not tmp_path.joinpath("world_preview").exists()
-
-
-def test_unknown_experiment_lists_the_valid_ones(tmp_path: Path):
-    result = wait(start_run("experiment=no_such_experiment", output_root=tmp_path))
-    assert result.returncode != 0
-    assert "no_such_experiment" in result.stderr and "world_preview" in result.stderr
-
-
 def test_missing_geneval_file_is_a_short_error_naming_the_key(tmp_path: Path):
     missing = "missing/evaluation_metadata.jsonl"
     result = wait(start_run(*SMALL_PREVIEW, "logger=none", "prompts=geneval", f"prompts.path={missing}", output_root=tmp_path))

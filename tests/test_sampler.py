@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from accel.sampler import SamplingConfig, ScalePlan, generate, sample_bits
+from accel.sampler import Continuations, SamplingConfig, ScalePlan, generate, sample_bits
 from models.bsq_vae import resize_latent
 from models.pipeline import TextToImageModel
 
@@ -109,3 +109,30 @@ def test_forced_bits_replace_the_sampled_ones_of_the_first_scales(model):
     assert not torch.equal(forced[-1], truth[-1])  # the free scales are sampled from seed 2
     everything = generate(model, PROMPTS, sampling, seed=2, forced_bits=truth)
     assert all(torch.equal(f, t) for f, t in zip(everything.bits, truth))
+
+
+def test_a_continuation_with_the_runs_own_draws_reproduces_its_images_bit_for_bit(model):
+    sampling = SamplingConfig(cfg=3.0, tau=1.0)
+    forks = Continuations(after=range(len(model.schedule)), seeds=[None, 7])
+    run = generate(model, PROMPTS, sampling, seed=1, continuations=forks)
+    assert torch.equal(run.images, generate(model, PROMPTS, sampling, seed=1).images)  # forking leaves the run alone
+    assert sorted(run.continuations) == list(range(len(model.schedule)))
+    for k, (own, other) in run.continuations.items():
+        assert torch.equal(own, run.images), k
+    assert not torch.equal(run.continuations[0][1], run.images)  # other draws after the first scale
+
+
+def test_a_continuation_equals_the_run_recomputed_with_its_prefix_forced(model):
+    """The copied KV cache and latent are exactly what recomputing the prefix gives: a continuation seeded s after
+    scale k is the run with the first k + 1 scales' bits forced and the rest drawn from seed s."""
+    sampling = SamplingConfig(cfg=3.0, tau=1.0)
+    run = generate(model, PROMPTS, sampling, seed=1, continuations=Continuations(after=[0, 2], seeds=[5, 6]))
+    for k, images in run.continuations.items():
+        for seed, continuation in zip([5, 6], images):
+            recomputed = generate(model, PROMPTS, sampling, seed=seed, forced_bits=run.bits[: k + 1])
+            assert torch.equal(continuation, recomputed.images), (k, seed)
+
+
+def test_continuations_refuse_a_policy(model):
+    with pytest.raises(ValueError, match="baseline policy"):
+        generate(model, PROMPTS, SamplingConfig(), seed=0, policy=object(), continuations=Continuations([0], [1]))

@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -211,3 +213,21 @@ def test_a_large_grid_with_long_captions_stays_readable():
     assert width <= GRID_MAX_INCHES[0] + 1e-6 and height <= GRID_MAX_INCHES[1] + 1e-6
     assert all(len(axis.title.get_text().splitlines()) <= 3 for axis in fig.axes)
     assert fig.axes[0].title.get_text().endswith("...")
+
+
+def test_a_sheet_of_one_image_is_one_panel_wide_not_a_blank_row():
+    from experiments.world_preview import caption_grid
+
+    one = caption_grid([np.zeros((8, 8, 3), dtype=np.uint8)], ["a photo of a circle"], columns=8)
+    full = caption_grid([np.zeros((8, 8, 3), dtype=np.uint8)] * 8, ["a photo of a circle"] * 8, columns=8)
+    assert len(one.axes) == 1 and one.get_size_inches()[0] * 8 == pytest.approx(full.get_size_inches()[0])
+
+
+def test_captions_the_font_cannot_draw_are_said_once_not_warned_per_glyph(caplog, recwarn):
+    from experiments.world_preview import caption_grid
+
+    fig = caption_grid([np.zeros((8, 8, 3), dtype=np.uint8)] * 2, ["一只猫", "a red circle"], columns=2)
+    fig.savefig(io.BytesIO())  # drawing is where matplotlib warns about missing glyphs
+    assert [axis.title.get_text() for axis in fig.axes] == ["???", "a red circle"]
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    assert [r.getMessage() for r in caplog.records if "cannot draw 一只猫" in r.getMessage()]

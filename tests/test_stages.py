@@ -1,11 +1,16 @@
 """Stage detection on synthetic curves with known answers, and stages.json as the accelerated sampler reads it."""
 
 import json
+from dataclasses import asdict, astuple
 
 import numpy as np
 import pytest
 
-from analysis.stages import StageBoundaries, StageRule, detect_stages, load_stages, settling_scale, write_stages
+from accel.policies import CFGDropPolicy, ModelSpec
+from analysis.stages import (
+    DecidedEvidence, StageBoundaries, StageRule, detect_stages, fed_boundaries, load_stages, settling_scale,
+    write_stages,
+)
 from errors import UserError
 
 RISING_FAST = [0.2, 0.8, 0.95, 0.99, 1.0, 1.0, 1.0]  # span 0.8: within 0.08 of the end from scale 2
@@ -81,13 +86,13 @@ def test_a_tolerance_outside_zero_to_one_names_its_key(key):
         StageRule(**{key: 1.5})
 
 
-def write_example(path, model="tiny", schedule=SCHEDULE):
+def write_example(path, model="tiny", schedule=SCHEDULE, **evidence):
     ranks = {"source": "inputs", "energy": 0.95, "per_scale": [1, 4, 8, 10, 12, 14, 16],
              "fraction": [1.0, 1.0, 0.5, 0.28, 0.19, 0.1, 0.06], "aggregate": "p90"}
     return write_stages(
         path, model=model, schedule=schedule, boundaries=StageBoundaries(2, 5, 6), ranks=ranks, rule=StageRule(),
         semantic_curves={"clip_image": RISING_FAST}, structural_curves={"lpips": FALLING_LATE}, num_prompts=64,
-        code_version="abc123",
+        code_version="abc123", **evidence,
     )
 
 
@@ -100,6 +105,36 @@ def test_stages_file_round_trip_has_the_documented_keys(tmp_path):
     assert loaded["curves"] == {"clip_image": RISING_FAST, "lpips": FALLING_LATE}
     assert loaded["source"] == "model" and loaded["rule"]["fidelity_metrics"] == []
     assert loaded["ranks"]["per_scale"][-1] == 16
+    assert loaded["evidence"] == "visible" and loaded["visible"] == asdict(StageBoundaries(2, 5, 6))
+    assert loaded["decided"] is None
+
+
+VISIBLE, DECIDED = StageBoundaries(2, 5, 6), StageBoundaries(4, 3, 5)
+
+
+@pytest.mark.parametrize(
+    ("evidence", "fed"),
+    [("visible", VISIBLE), ("decided", DECIDED), ("both", StageBoundaries(4, 5, 6))],  # both: the later of each
+)
+def test_the_evidence_names_the_boundaries_the_sampler_reads(tmp_path, evidence, fed):
+    decided = DecidedEvidence(
+        DECIDED, continuations=2, curves={"clip_image": RISING_FAST, "lpips": FALLING_LATE},
+        stderr={"clip_image": [0.1] * 6 + [float("nan")], "lpips": [0.0] * 7}, spread={}, spread_stderr={},
+    )
+    write_example(tmp_path / "stages.json", decided=decided, evidence=evidence)
+    stages = load_stages(tmp_path / "stages.json", "tiny", SCHEDULE)
+    assert stages["evidence"] == evidence
+    assert (stages["semantic_end"], stages["structure_end"], stages["refinement_start"]) == astuple(fed)
+    assert stages["visible"] == asdict(VISIBLE)  # both sets are kept, whichever is fed
+    assert {key: stages["decided"][key] for key in stages["visible"]} == asdict(DECIDED)
+    assert stages["decided"]["stderr"]["clip_image"][-1] is None  # a NaN (one prompt) is not JSON
+    policy = CFGDropPolicy(ModelSpec("tiny", SCHEDULE, 2, 1), stages_file=str(tmp_path / "stages.json"))
+    assert policy.refinement_start == fed.refinement_start
+
+
+def test_decided_boundaries_are_needed_to_feed_them():
+    with pytest.raises(ValueError, match="needs the decided boundaries"):
+        fed_boundaries("both", VISIBLE, None)
 
 
 @pytest.mark.parametrize(

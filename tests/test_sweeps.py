@@ -1,15 +1,18 @@
 """Sweeps through hydra-submitit-launcher: a 2-job rank sweep as local submitit jobs completes and aggregates, a
 relaunch runs only the unfinished job and leaves a finished job's folder byte for byte as it was; a SLURM launcher
-without sbatch stops before submitting anything; an interrupted sweep says where it stands."""
+without sbatch stops before submitting anything; an interrupted sweep says where it stands, and the same command
+finds its folder again and runs only what did not finish."""
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from experiments import world_preview
 from helpers import quick_overrides, run_py, write_small_checkpoint
+from hydra_plugins.stagevar_sweeper.skip_finished_sweeper import sweep_folder_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,20 +65,46 @@ def test_a_slurm_sweep_without_sbatch_stops_before_submitting_anything(tmp_path:
     assert not (tmp_path / "world_preview").exists()  # no sweep folder, no .submitit
 
 
-def test_an_interrupted_sweep_names_its_folder_and_what_finished(tmp_path: Path, monkeypatch, capsys):
+def test_an_interrupted_sweep_resumes_with_the_same_command(tmp_path: Path, monkeypatch, capsys):
     run = world_preview.run
+    runs = []  # the seeds of the jobs that ran
 
     def interrupted_at_seed_1(cfg, recorder):
-        if cfg.seed == 1:
-            raise KeyboardInterrupt
+        runs.append(cfg.seed)
+        if runs == [0, 1]:
+            raise KeyboardInterrupt  # Ctrl-C during the second job of the first launch
         return run(cfg, recorder)
 
     monkeypatch.setattr(world_preview, "run", interrupted_at_seed_1)
+    sweep = ["-m", "experiment=world_preview", f"paths.output_root={tmp_path}", "logger=none", "seed=0,1,2",
+             "preview.num_images=1", "preview.grid_columns=1", "prompts.limit=1"]
     with pytest.raises(SystemExit) as stop:
-        run_py("-m", "experiment=world_preview", f"paths.output_root={tmp_path}", "logger=none", "seed=0,1",
-               "preview.num_images=2", "prompts.limit=2")
+        run_py(*sweep)
     assert stop.value.code == 130
     (sweep_dir,) = (tmp_path / "world_preview" / "multirun").iterdir()
+    assert sweep_dir.name == "logger=none__preview.grid_columns=1__preview.num_images=1__prompts.limit=1__seed=0,1,2"
     message = capsys.readouterr().err
     assert f"sweep {sweep_dir}: 1 job(s) finished (" in message and "seed=0)" in message  # the job folder's name
-    assert "launch the same command again" in message
+    assert message.rstrip().endswith(f"run the same command again: python run.py {' '.join(sweep)}")
+    (finished,) = [path.parent for path in sweep_dir.glob("*/summary.json") if "seed=0" in path.parent.name]
+    before = snapshot(finished)
+
+    runs.clear()
+    run_py(*sweep)  # the identical command
+    assert runs == [1, 2]  # the unfinished jobs, once each
+    assert list((tmp_path / "world_preview" / "multirun").iterdir()) == [sweep_dir]  # found again, no new folder
+    assert snapshot(finished) == before
+    assert [json.loads(path.read_text())["status"] for path in sorted(sweep_dir.glob("*/summary.json"))] == \
+        ["complete"] * 3
+
+
+def test_a_sweep_folder_is_named_by_its_overrides_in_any_order():
+    name = sweep_folder_name(["seed=0,1", "experiment=world_preview", "prompts.limit=2", "paths.output_root=/out"])
+    assert name == "prompts.limit=2__seed=0,1"  # the task and the output root are in its path already
+    assert sweep_folder_name(["prompts.limit=2", "seed=0,1"]) == name
+    assert sweep_folder_name(["experiment=world_preview"]) == "no_overrides"
+    unsafe = sweep_folder_name(["prompts.path=data/a b.jsonl"])
+    assert re.fullmatch(r"prompts\.path=data_a_b\.jsonl-[0-9a-f]{8}", unsafe)  # replaced characters: hashed
+    assert unsafe != sweep_folder_name(["prompts.path=data_a_b.jsonl"])
+    long = sweep_folder_name([f"accel.rank_ratio={','.join(str(i / 100) for i in range(40))}"])
+    assert len(long) == 120 and long != sweep_folder_name([f"accel.rank_ratio={','.join(str(i) for i in range(40))}"])

@@ -24,6 +24,7 @@ def ground_truth_stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", [
             "experiment=stage_probe", "logger=none", "device=cpu", "probe.source=ground_truth",
+            "probe.evidence=visible",  # the world's bits: there is no run of the model's to fork
             f"model={WORLD_MODEL}", "probe.num_prompts=32", "probe.strip_prompts=0",
             "model.sampling.cfg=1",  # the bits are the ground truth's: a second CFG branch would change nothing
         ])
