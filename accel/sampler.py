@@ -283,7 +283,8 @@ def _continue(run: _Run, state: _State, fork_scale: int, seed: int | None) -> Te
     else:
         generator.manual_seed(seed)
     tail = state.fork(generator)
-    _run_scales(run, tail, fork_scale + 1, observers=(), forced_bits=(), continuations=None, progress=False)
+    unobserved = replace(run, capture=set())  # no observer sees a tail: its blocks' outputs are not kept
+    _run_scales(unobserved, tail, fork_scale + 1, observers=(), forced_bits=(), continuations=None, progress=False)
     return to_uint8(run.model.vae.decode(tail.latent))
 
 

@@ -189,6 +189,9 @@ def preset_ratios(alpha: float, position: int, num_chunks: int) -> list[float]:
     key = format(alpha, "g") if format(alpha, "g") in presets else f"{alpha:.2f}"
     if key not in presets:
         raise UserError(f"accel.alpha={alpha} has no rank preset; the release has {', '.join(presets)}")
+    if str(position) not in presets[key]:
+        raise UserError(f"accel.reduce_last reaches the scale at {position} from the end; the release's presets hold "
+                        f"the last {len(presets[key])} scales only: reduce_last <= {len(presets[key])}, or ranks=probe")
     return chunk_shares(presets[key][str(position)], num_chunks)
 
 

@@ -55,7 +55,8 @@ class ProbeConfig:
             raise UserError(f"probe.evidence={self.evidence} forks the model's own run, but probe.source=ground_truth "
                             "takes every scale's bits from the world: add probe.evidence=visible (experiment="
                             "prefix_probe continues the world's prefixes with the model)")
-        if self.decided and (not isinstance(self.continuations, int) or self.continuations < 1):
+        continuations_ok = isinstance(self.continuations, int) and not isinstance(self.continuations, bool)
+        if self.decided and (not continuations_ok or self.continuations < 1):
             raise UserError(f"probe.continuations={self.continuations!r} must be a positive whole number with "
                             f"probe.evidence={self.evidence}; probe.evidence=visible runs no continuations")
         for key in ("num_prompts", "batch_size"):

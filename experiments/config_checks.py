@@ -187,7 +187,7 @@ def check_value_kinds(cfg: DictConfig) -> None:
     presets = dict(_leaves(preset_values(choices))) if choices else {}  # none: a config composed without Hydra's node
     for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)):
         if key.startswith("hydra.") or (isinstance(value, str) and value.startswith("${")):
-            continue  # Hydra's own settings; interpolations are checked as the values they resolve to
+            continue  # Hydra's own settings; an interpolation takes the kind of what it points at
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{key}={value!r}: no setting means inf or nan; give a finite number (null where the key "
                             "allows none)")
@@ -299,6 +299,8 @@ def check_output_root(cfg: DictConfig) -> None:
 
 def writable_folder(key: str, value: str, purpose: str, example: str) -> Path:
     """The folder `key` names, made if missing, after trying to write in it (permissions alone do not tell)."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise UserError(f"{key}={value!r} must name a folder, e.g. {key}={example}")
     root = Path(value)
     if root.exists() and not root.is_dir():
         raise UserError(f"{key}={str(root)!r} is a file, not a folder: point it at a folder, e.g. {key}={example}")
@@ -349,9 +351,10 @@ def check_wandb_online() -> None:
     except urllib.error.HTTPError:
         pass  # an HTTP status is an answer
     except OSError as error:
-        raise UserError(f"logger.mode=online: the W&B server {server.geturl()} took the connection but did not answer "
-                        f"within {WANDB_PROBE_SECONDS} s ({getattr(error, 'reason', error)}): check the server, "
-                        f"{offline}") from None
+        reason = getattr(error, "reason", error)
+        what = (f"took the connection but did not answer within {WANDB_PROBE_SECONDS} s"
+                if isinstance(reason, TimeoutError) else f"did not answer ({reason})")
+        raise UserError(f"logger.mode=online: the W&B server {server.geturl()} {what}: check the server, {offline}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,7 +423,7 @@ def unknown_key_hints(arguments: list[str], config_dir: Path) -> list[str]:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             cfg = compose("config", group_choices)
     except HydraException:
-        return []  # the group choices themselves are wrong: Hydra's own message says which
+        return []  # the group choices themselves are wrong: experiments/hydra_errors.py says which
     known = list(_flat_keys(OmegaConf.to_container(cfg, resolve=False)))
     hints = []
     for override in overrides:

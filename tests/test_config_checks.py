@@ -51,6 +51,10 @@ def refused(capsys: pytest.CaptureFixture, output_root: Path, *overrides: str) -
         (["experiment=generate", "model.files.transformer=/no/such/transformer.safetensors"],
          "model.files.transformer: /no/such/transformer.safetensors"),
         (["experiment=generate", "generate.grid_columns=0"], "generate.grid_columns=0"),
+        (["experiment=generate", "paths.cache_dir=null"], "paths.cache_dir=None"),  # crashed in Path(None)
+        (["experiment=stage_probe", "probe.continuations=true"], "probe.continuations=True"),
+        (["experiment=accel_eval", "accel=stagevar_released", "accel.skip_last=0", "accel.reduce_last=4"],
+         "reduce_last <= 3"),  # a KeyError of the presets
         (["experiment=accel_eval", "accel=none"], "accel=none"),
         (["experiment=accel_eval", "accel_eval.repeats=4"], "accel_eval.repeats=4"),
         (["experiment=accel_eval", "accel.rank_ratio=2"], "accel.rank_ratio=2"),

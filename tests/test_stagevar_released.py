@@ -156,6 +156,7 @@ def test_restoration_scatters_the_outputs_over_the_area_resized_previous_chunk_o
     ("overrides", "message"),
     [
         ({"alpha": 0.5}, r"accel.alpha=0.5 has no rank preset; the release has 0.999, 0.99, 0.98"),
+        ({"skip_last": 0, "reduce_last": 4}, r"the release's presets hold the last 3 scales only: reduce_last <= 3"),
         ({"ranks": "probe"}, "accel.ranks=probe takes the per-chunk ranks from the stage probe: set accel.stages_file"),
     ],
 )

@@ -99,12 +99,18 @@ def test_an_interrupted_sweep_resumes_with_the_same_command(tmp_path: Path, monk
 
 
 def test_a_sweep_folder_is_named_by_its_overrides_in_any_order():
-    name = sweep_folder_name(["seed=0,1", "experiment=world_preview", "prompts.limit=2", "paths.output_root=/out"])
+    name = sweep_folder_name(["seed=0,1", "experiment=world_preview", "prompts.limit=2", "paths.output_root=/out"],
+                             task="world_preview")
     assert name == "prompts.limit=2__seed=0,1"  # the task and the output root are in its path already
-    assert sweep_folder_name(["prompts.limit=2", "seed=0,1"]) == name
-    assert sweep_folder_name(["experiment=world_preview"]) == "no_overrides"
-    unsafe = sweep_folder_name(["prompts.path=data/a b.jsonl"])
+    assert sweep_folder_name(["prompts.limit=2", "seed=0,1"], task="world_preview") == name
+    assert sweep_folder_name(["experiment=world_preview"], task="world_preview") == "no_overrides"
+    # Two presets of one task (train_tiny, train_tiny_gpu) share <task>/multirun/, so the preset stays in the name.
+    gpu = sweep_folder_name(["experiment=train_tiny_gpu", "seed=0,1"], task="train_tiny")
+    assert gpu == "experiment=train_tiny_gpu__seed=0,1" != sweep_folder_name(["experiment=train_tiny", "seed=0,1"],
+                                                                              task="train_tiny")
+    unsafe = sweep_folder_name(["prompts.path=data/a b.jsonl"], task="generate")
     assert re.fullmatch(r"prompts\.path=data_a_b\.jsonl-[0-9a-f]{8}", unsafe)  # replaced characters: hashed
-    assert unsafe != sweep_folder_name(["prompts.path=data_a_b.jsonl"])
-    long = sweep_folder_name([f"accel.rank_ratio={','.join(str(i / 100) for i in range(40))}"])
-    assert len(long) == 120 and long != sweep_folder_name([f"accel.rank_ratio={','.join(str(i) for i in range(40))}"])
+    assert unsafe != sweep_folder_name(["prompts.path=data_a_b.jsonl"], task="generate")
+    long = sweep_folder_name([f"accel.rank_ratio={','.join(str(i / 100) for i in range(40))}"], task="rank_sweep")
+    other = sweep_folder_name([f"accel.rank_ratio={','.join(str(i) for i in range(40))}"], task="rank_sweep")
+    assert len(long) == 120 and long != other

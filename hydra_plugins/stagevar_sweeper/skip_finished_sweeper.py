@@ -25,7 +25,6 @@ from omegaconf.errors import MissingMandatoryValue
 
 log = logging.getLogger(__name__)
 
-NAMED_BY_THE_PATH = ("experiment", "paths.output_root")  # already in <output_root>/<task>/multirun/
 LONGEST_FOLDER_NAME = 120  # of 255 bytes a file system allows; job folders below add their own
 UNSAFE_IN_A_FILE_NAME = re.compile(r"[^A-Za-z0-9._,=+-]")
 
@@ -52,7 +51,7 @@ class SkipFinishedSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         if self.folder is None:
-            self.folder = sweep_folder_name(arguments)
+            self.folder = sweep_folder_name(arguments, self.config.task)
             # Each job's config is composed anew from the Hydra overrides and its own (load_sweep_config), which
             # no longer tell what the whole command swept: the name goes to them as a Hydra override.
             with read_write(self.config):
@@ -87,12 +86,17 @@ class SkipFinishedSweeper(BasicSweeper):
         return False
 
 
-def sweep_folder_name(arguments: Sequence[str]) -> str:
-    """The folder name of a sweep launched with these command-line overrides: readable, the same for the same
-    overrides in any order, safe in a file name. Where characters had to be replaced or the name is long, it ends in
-    a short hash of the overrides, so that two different sweeps never share a folder."""
-    overrides = sorted(argument for argument in arguments
-                       if argument.split("=", 1)[0].lstrip("+~") not in NAMED_BY_THE_PATH)
+def sweep_folder_name(arguments: Sequence[str], task: str) -> str:
+    """The folder name of a sweep launched with these command-line overrides, in <output_root>/<task>/multirun/:
+    readable, the same for the same overrides in any order, safe in a file name. What the path already says is left
+    out (the output root, an experiment named as its task; train_tiny_gpu, of task train_tiny, stays). Where
+    characters had to be replaced or the name is long, it ends in a short hash of the overrides, so that two
+    different sweeps never share a folder."""
+    def named_by_the_path(argument: str) -> bool:
+        key, _, value = argument.lstrip("+~").partition("=")
+        return key == "paths.output_root" or (key == "experiment" and value == task)
+
+    overrides = sorted(argument for argument in arguments if not named_by_the_path(argument))
     text = "__".join(overrides)
     name = UNSAFE_IN_A_FILE_NAME.sub("_", text)
     if name != text or len(name) > LONGEST_FOLDER_NAME:
