@@ -118,6 +118,11 @@ if __name__ == "__main__":
         if (mistake := command_line_error(error, sys.argv[1:], CONFIG_DIR)) is None:
             raise
         failure = Failure.of(mistake, processes.rank)
-        if processes.is_main:  # every process composed the same command line
+        try:  # every process composed the same command line and met the same mistake
+            processes.sync(failure)
+        except RankFailed as failed:
+            failure = failed.failure
+        if processes.is_main:
             print(failure.report, file=sys.stderr)
+        processes.reported()  # the others wait for rank 0's paragraph: torchrun would end it with them
         sys.exit(failure.exit_code)

@@ -84,6 +84,13 @@ def test_a_failing_process_fails_the_run_with_its_error_shown_once(checkpoint: P
     assert summary["status"] == "failed" and summary["error"].startswith("RankFailed: rank 1: IsADirectoryError")
 
 
+def test_a_command_line_mistake_under_torchrun_is_said_once(tmp_path: Path):
+    result = torchrun(2, "experiment=world_preview", "preview.num_image=3", f"paths.output_root={tmp_path}")
+    assert result.returncode != 0
+    assert result.stderr.count("error: preview.num_image is not a config key; did you mean preview.num_images?") == 1
+    assert not list(tmp_path.iterdir())  # (torchrun itself reports the exit code with its own traceback)
+
+
 def test_two_processes_probe_the_stages_of_one(checkpoint: Path, tmp_path: Path):
     probe = ["experiment=stage_probe", f"model.checkpoint_dir={checkpoint}", "probe.num_prompts=3",
              "probe.batch_size=1", "probe.strip_prompts=2", "metrics.names=[shapes_composition,shapes_eval]", "logger=none",
