@@ -152,10 +152,13 @@ def check_continued_folder(cfg: DictConfig, folder: Path, what: str) -> None:
     current = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     current.paths.weights_dir = to_absolute_path(cfg.paths.weights_dir)  # as run.py settles it before saving
     current = OmegaConf.to_container(current, resolve=True)
+    choices = _group_choices(cfg)
+    presets = dict(_leaves(preset_values(choices))) if choices else {}
     changed = [
         f"{key}={before!r} there, {after!r} now"
         for key, before, after in config_differences(saved, current)
         if key.split(".")[0] not in SETTINGS_THAT_MAY_CHANGE
+        and not (before is ABSENT and presets.get(key, ABSENT) == after)  # a key added since, at its preset value
     ]
     import torch  # here, not at the top: see check_device
 
@@ -168,11 +171,19 @@ def check_continued_folder(cfg: DictConfig, folder: Path, what: str) -> None:
                         + f". Continue it with its own settings (in {saved_path}), or start a new run")
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+ABSENT = _Absent()  # a key one of two configs lacks (e.g. added to the lab after a saved run started)
+
+
 def config_differences(before: Any, after: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, before, after) of every leaf that differs between two plain configs."""
+    """(dotted key, before, after) of every leaf that differs between two plain configs; ABSENT where one lacks it."""
     if isinstance(before, dict) and isinstance(after, dict):
         return [difference for key in sorted(before.keys() | after.keys(), key=str)
-                for difference in config_differences(before.get(key), after.get(key), f"{prefix}{key}.")]
+                for difference in config_differences(before.get(key, ABSENT), after.get(key, ABSENT), f"{prefix}{key}.")]
     return [] if before == after else [(prefix.rstrip("."), before, after)]
 
 

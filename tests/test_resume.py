@@ -54,6 +54,16 @@ def test_a_killed_run_continues_to_the_results_of_an_uninterrupted_one(uninterru
     assert (run_dir / "figures" / "contact_sheet.png").is_file()
 
 
+def test_a_run_from_before_a_new_config_key_continues_with_that_key_at_its_preset_value(uninterrupted, tmp_path: Path):
+    overrides, finished = uninterrupted
+    run_dir = killed_during_the_third_row(finished, tmp_path / "killed")
+    saved = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(saved.replace("  allow_noop: false\n", ""))  # a run from before that key
+    assert (run_dir / "config.yaml").read_text() != saved
+    run_py(*overrides, f"resume={run_dir}")
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "complete"
+
+
 def test_a_run_continued_with_other_settings_is_refused(uninterrupted, tmp_path: Path, capsys):
     overrides, finished = uninterrupted
     run_dir = killed_during_the_third_row(finished, tmp_path / "killed")
