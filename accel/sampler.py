@@ -46,6 +46,10 @@ class SamplingConfig:
             raise ValueError(f"sampling.{name} has {len(value)} values but the schedule has {num_scales} scales")
         return [float(v) for v in value]
 
+    def guides(self, num_scales: int) -> bool:
+        """Whether CFG runs (some scale's cfg != 1): the null-text row runs beside every prompt's."""
+        return any(c != 1.0 for c in self.per_scale("cfg", num_scales))
+
 
 @dataclass
 class ReducedTokens:
@@ -226,7 +230,7 @@ class _Run:
 
     @property
     def use_cfg(self) -> bool:
-        return any(c != 1.0 for c in self.cfg)
+        return self.sampling.guides(len(self.cfg))
 
     @classmethod
     def of(

@@ -347,18 +347,13 @@ def check_policies(cfg: DictConfig, methods: list[Method]) -> None:
     """
     spec = ModelSpec.of_config(cfg.model)
     _, transformer = schedule_and_transformer(cfg.model)
-    guidance = guided(sampling_config(cfg.model), len(spec.schedule))
+    guidance = sampling_config(cfg.model).guides(len(spec.schedule))
     allow_every_noop = flag("accel.allow_noop", cfg.accel.allow_noop)
     for method in methods:
         policy = build_policy(method.accel, spec)
         allowed = allow_every_noop or flag(f"allow_noop of method {method.label}", method.accel.allow_noop)
         if not allowed and changes_nothing(policy, transformer, spec.schedule, guidance):
             raise UserError(no_op_message(cfg, method, policy, len(spec.schedule), guidance))
-
-
-def guided(sampling: SamplingConfig, num_scales: int) -> bool:
-    """Whether CFG runs (any scale's cfg != 1), i.e. the baseline runs two rows per prompt."""
-    return any(value != 1.0 for value in sampling.per_scale("cfg", num_scales))
 
 
 def changes_nothing(policy: Policy, transformer: InfinityConfig, schedule: Sequence[Grid], guidance: bool) -> bool:
@@ -492,7 +487,7 @@ def measure_speed(
         for repeat, seconds in enumerate(timing.seconds):
             recorder.log({"kind": "timing", "method": label, "repeat": repeat, "seconds": seconds})
     text_length = model.text_encoder.encode(prompts).features.shape[1]
-    guidance = guided(sampling, len(model.schedule))
+    guidance = sampling.guides(len(model.schedule))
     macs = {
         label: count_macs(model.transformer.config, model.schedule, policy, batch_size=len(prompts),
                           text_length=text_length, guidance=guidance).total

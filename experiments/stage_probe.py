@@ -42,7 +42,7 @@ from analysis.plots import load_probe_run, probe_figures
 from analysis.probe import ProbeConfig, RankChoice, RunningMeans, ScaleTrace, measure, rank_summary
 from analysis.rows import INPUTS, scale_means
 from analysis.spectra import band_labels
-from analysis.stages import DecidedEvidence, StageRule, curves_by_kind, detect_stages, fed_boundaries, write_stages
+from analysis.stages import DecidedEvidence, StageBoundaries, StageRule, curves_by_kind, detect_stages, write_stages
 from errors import UserError
 from evals.prompts import spread
 from experiments.config_checks import check_model, check_prompts
@@ -148,7 +148,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         structural_curves=by_kind["structural"], fidelity_curves=by_kind["fidelity"],
         num_prompts=len(prompts), code_version=code_version(), decided=decided, evidence=probe.evidence,
     )
-    boundaries = fed_boundaries(probe.evidence, visible, decided.boundaries if decided else None)
+    boundaries = StageBoundaries(stages["semantic_end"], stages["structure_end"], stages["refinement_start"])  # fed
     write_spectra(recorder.run_dir / "spectra.json", spectra, probe, blocks, len(schedule), model.image_size)
     for name, figure in probe_figures(load_probe_run(recorder.run_dir)).items():
         recorder.save_figure(figure, name)
