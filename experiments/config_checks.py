@@ -387,6 +387,7 @@ def check_model(cfg: DictConfig) -> None:
            why=" (the logits are multiplied by 1/tau; small = sharper; for greedy sampling use top_k=1)")
     whole("model.sampling.top_k", sampling.top_k, minimum=0, why=" (0 = off)")
     number("model.sampling.top_p", sampling.top_p, 0, 1, why=" (0 = off)")
+    flag("model.sampling.cfg_ramp", sampling.get("cfg_ramp", False))
     if missing := missing_model_files(model):
         raise UserError(
             "missing model weights; nothing was computed:\n  " + "\n  ".join(missing)

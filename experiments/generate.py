@@ -22,7 +22,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from accel.sampler import SamplingConfig
-from analysis.fid import InceptionFeatures, MetricUnavailable, frechet_distance, reference_features
+from analysis.fid import (
+    InceptionFeatures,
+    MetricUnavailable,
+    frechet_distance,
+    frechet_distance_to,
+    load_reference_statistics,
+    reference_features,
+)
 from errors import UserError
 from evals.prompt_files import BENCHMARK_LAYOUTS, export_benchmark_layout
 from evals.prompts import load_prompts, spread
@@ -50,8 +57,23 @@ def check(cfg: DictConfig) -> None:
     check_prompts(cfg)
     check_benchmark_layout(cfg)
     positive_wholes(cfg.generate, "generate", ["contact_sheet_size", "grid_columns"])
+    check_fid_reference(cfg)
     if flag("generate.fid", cfg.generate.fid) and cfg.prompts.name == "shapes_eval":
         writable_folder("paths.cache_dir", cfg.paths.cache_dir, "keep FID's reference features",
+                        example="outputs/cache")
+
+
+def check_fid_reference(cfg: DictConfig) -> None:
+    """metrics.fid_reference: null, an .npz of Inception statistics or a folder of reference images."""
+    reference = cfg.metrics.fid_reference
+    if reference is None:
+        return
+    path = Path(str(reference))
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
+        raise UserError(f"metrics.fid_reference={reference!r} is neither an .npz of Inception statistics (mu, sigma) nor "
+                        "a folder of reference images")
+    if path.is_dir():
+        writable_folder("paths.cache_dir", cfg.paths.cache_dir, "keep the reference images' Inception features",
                         example="outputs/cache")
 
 
@@ -93,6 +115,11 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
             except MetricUnavailable as reason:
                 log.warning("METRIC LEFT OUT: fid (%s)", reason)
                 summary["unavailable_metrics"] = {"fid": str(reason)}
+    if cfg.metrics.fid_reference is not None:
+        reference = load_reference_statistics(cfg.metrics.fid_reference, inception := InceptionFeatures(
+            torch.device(cfg.device)), Path(cfg.paths.cache_dir))
+        summary["fid_reference"] = frechet_distance_to(inception(images), reference)
+        log.info(f"FID against {reference.source}: {summary['fid_reference']:.2f} ({len(images)} images)")
     captions = [samples[i]["prompt"] for i in shown]
     recorder.save_figure(caption_grid([images[i] for i in shown], captions, cfg.generate.grid_columns, passed),
                          "contact_sheet")

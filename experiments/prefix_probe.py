@@ -76,7 +76,7 @@ def prefix_images(
         texts = [item["prompt"] for item in prompts[start : start + batch_size]]
         true_bits = ground_truth_bits(model, ground_truth[start : start + batch_size])
         for forced, forced_images in enumerate(images):
-            result = generate(model, texts, sampling, seed=seed + batch_index, forced_bits=true_bits[:forced])
+            result = generate(model, texts, sampling, seed=seed + batch_index, forced_codes=true_bits[:forced])
             forced_images += list(result.images.numpy())
     return images
 

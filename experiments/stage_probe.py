@@ -117,7 +117,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
         forks = (Continuations(range(len(model.schedule)), continuation_seeds(cfg.seed + number, probe.continuations))
                  if probe.decided else None)
         generation = generate(model, texts, sampling, seed=cfg.seed + number, observers=[trace], decode=False,
-                              forced_bits=forced, continuations=forks)
+                              forced_codes=forced, continuations=forks)
         decided_by_scale = (decided_columns(trace.partial_images[-1], generation.continuations, batch, metrics)
                             if forks else {})
         batch_spectra[number] = RunningMeans()

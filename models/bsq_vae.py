@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,20 @@ def resize_latent(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Resize (B, C, h, w) to `size` the way Infinity does, up or down: trilinear on a singleton time
     axis, align_corners=False, no antialiasing (differs from 4-D bilinear by ~1e-7, kept for parity)."""
     return F.interpolate(x.unsqueeze(2), size=(1, *size), mode="trilinear", align_corners=False).squeeze(2)
+
+
+def sample_bits(logits: Tensor, top_k: int, top_p: float, generator: torch.Generator) -> Tensor:
+    """Sample every bit independently from its 2 logits: (B, n, 2 * bits) -> (B, n, bits) int64, as the official
+    Infinity sampler: per-bit top-k / top-p, then one seeded multinomial over all bits."""
+    pairs = logits.reshape(-1, 2).float()
+    if top_k == 1:  # any larger k keeps both values
+        pairs = pairs.masked_fill(pairs < pairs.max(-1, keepdim=True).values, float("-inf"))
+    if 0 < top_p < 1:  # drop the less likely value when its probability is <= 1 - top_p
+        low = pairs.softmax(-1) <= 1 - top_p
+        low &= ~low.all(-1, keepdim=True)
+        pairs = pairs.masked_fill(low, float("-inf"))
+    bits = torch.multinomial(pairs.softmax(-1), 1, replacement=True, generator=generator)
+    return bits.view(logits.shape[0], logits.shape[1], -1)
 
 
 def swish(x: Tensor) -> Tensor:
@@ -362,15 +377,32 @@ class BSQVAE(nn.Module):
         it: resizing and decoding round differently per memory layout, so bitwise parity needs the same one."""
         return torch.zeros(batch, self.config.codebook_dim, *size, device=device).to(memory_format=torch.channels_last)
 
+    def latent_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """Latent cells of a token grid."""
+        return grid[0] * self.patch, grid[1] * self.patch
+
+    def scale_input(self, latent: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The accumulated codes resized to a scale's grid -> its transformer input (B, h * w, bits_per_token)."""
+        return self.codes_to_tokens(resize_latent(latent, self.latent_size(grid)))
+
+    def sample(
+        self, logits: Tensor, grid: tuple[int, int], top_k: int, top_p: float, generator: torch.Generator
+    ) -> Tensor:
+        """A scale's guided logits (B, h * w, 2 * bits) -> its bits (B, h, w, bits_per_token) int64 0/1."""
+        return sample_bits(logits, top_k, top_p, generator).view(logits.shape[0], *grid, -1)
+
+    def add_scale(self, latent: Tensor, codes: Tensor, scale_index: int, schedule: Sequence[tuple[int, int]]) -> Tensor:
+        """Infinity's accumulation: the scale's codes (bits) resized to the final grid and added to the sum."""
+        return latent + resize_latent(self.bits_to_codes(codes), tuple(latent.shape[-2:]))
+
     def teacher_forcing_inputs(self, bits: list[Tensor], schedule: list[tuple[int, int]]) -> Tensor:
         """Transformer inputs of scales 1..K-1 from the bits of every scale, as the sampler builds them:
         the codes accumulated before each scale on the final grid, resized to its grid -> (B, L - 1, bits)."""
-        final = (schedule[-1][0] * self.patch, schedule[-1][1] * self.patch)
-        accumulated = self.zero_latent(bits[0].shape[0], final, bits[0].device)
+        accumulated = self.zero_latent(bits[0].shape[0], self.latent_size(schedule[-1]), bits[0].device)
         inputs = []
-        for (h, w), scale_bits in zip(schedule[1:], bits[:-1]):
-            accumulated = accumulated + resize_latent(self.bits_to_codes(scale_bits), final)
-            inputs.append(self.codes_to_tokens(resize_latent(accumulated, (h * self.patch, w * self.patch))))
+        for k, (grid, scale_bits) in enumerate(zip(schedule[1:], bits[:-1])):
+            accumulated = self.add_scale(accumulated, scale_bits, k, schedule)
+            inputs.append(self.scale_input(accumulated, grid))
         return torch.cat(inputs, dim=1)
 
     def decode(self, latent: Tensor) -> Tensor:

@@ -17,12 +17,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.schedules import Grid
+
+if TYPE_CHECKING:  # the text encoder's module imports transformers, which the model itself does not need
+    from models.text_encoder import TextTokens
 
 MAX_LOG_TEMPERATURE = math.log(100.0)
 
@@ -67,6 +71,26 @@ class InfinityConfig:
             raise ValueError(f"embed_dim={self.embed_dim} must split into {self.num_heads} heads of a size divisible by 4")
         if self.depth % self.block_chunks:
             raise ValueError(f"depth={self.depth} must be a multiple of block_chunks={self.block_chunks}")
+
+    # --- costs (accel/macs.py), multiply-accumulates per batch row ------------------------------------------
+    # C width, F FFN width, n the branch's tokens, L the block's KV length after the scale, T the (padded) text
+    # length, b bits per token, M the scale's tokens. The text's AdaLN and pooling run once per generation.
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return ("sa", "ca", "ffn")
+
+    def branch_macs(self, name: str, tokens: int, kv_length: int, text_length: int) -> int:
+        C, n, T = self.embed_dim, tokens, text_length
+        if name == "sa":  # q, k, v and out projections; QK^T and AV over the cache
+            return 4 * C * C * n + 2 * C * n * kv_length
+        if name == "ca":  # q and out projections; the text's K/V; QK^T and AV over the text
+            return 2 * C * C * n + 2 * C * C * T + 2 * C * n * T
+        return 2 * C * self.mlp_hidden * n
+
+    def scale_macs(self, tokens: int) -> int:
+        """The head: its AdaLN from the pooled text, and two logits per bit."""
+        return 2 * self.embed_dim**2 + 2 * self.bits_per_token * self.embed_dim * tokens
 
     @classmethod
     def infinity_2b(cls) -> InfinityConfig:
@@ -222,9 +246,9 @@ def ada_layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tenso
 class SelfAttention(nn.Module):
     """Cosine attention over the cached scales: L2-normalised q, k, a clamped learned temperature, scale 1."""
 
-    def __init__(self, config: InfinityConfig):
+    def __init__(self, embed_dim: int, num_heads: int):
         super().__init__()
-        C, H = config.embed_dim, config.num_heads
+        C, H = embed_dim, num_heads
         self.num_heads = H
         self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(C))
@@ -304,7 +328,7 @@ class CrossAttnBlock(nn.Module):
         self.eps = config.norm_eps
         # Per-block bias added to the shared AdaLN output; slices: gamma1, gamma2, scale1, scale2, shift1, shift2.
         self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
-        self.sa = SelfAttention(config)
+        self.sa = SelfAttention(C, config.num_heads)
         self.ca = CrossAttention(C, C, config.num_heads)
         self.ffn = FeedForward(C, config.mlp_hidden)
         self.ca_norm = nn.LayerNorm(C, eps=config.norm_eps)
@@ -418,6 +442,11 @@ class Infinity(nn.Module):
         nn.init.zeros_(self.head.weight)
 
     # --- text -------------------------------------------------------------------------------------------
+
+    def condition(self, encoded: TextTokens, with_null: bool) -> TextCondition:
+        """The text encoder's tokens -> conditioning rows, on the model's device (see `encode_text`)."""
+        device = self.pos_start.device
+        return self.encode_text(encoded.features.to(device), encoded.lengths.to(device), with_null)
 
     def encode_text(self, features: Tensor, lengths: Tensor, with_null: bool) -> TextCondition:
         """Text encoder features (B, L, Ct) with valid lengths (B,) -> conditioning rows.

@@ -1,7 +1,9 @@
 """A text-to-image next-scale model as the sampler sees it: transformer, VAE, text encoder and schedule.
 
 `build_model(cfg.model, device)` instantiates the `_target_` of a `conf/model/*.yaml`: `load_infinity` for the
-official Infinity-2B / 8B files, `load_tiny` for the small default model committed under `checkpoints/tiny`.
+official Infinity-2B / 8B files, `load_var` for class-conditional VAR (d16-d36), `load_tiny` for the small
+default model committed under `checkpoints/tiny`. The transformer and tokenizer of every family offer the pieces
+of models/family.py, so the one scale loop runs them all.
 Every weight file is checked before anything is built, and a missing one is an error naming the file, the
 config key that points at it, and the folder layout expected. `check_model_weights` reads only the files' headers
 (tensor names and shapes) against a model built on the meta device, so a truncated, foreign or mis-shaped file is
@@ -26,9 +28,13 @@ from torch import nn
 from errors import UserError
 from models.bsq_vae import BSQVAE, BSQVAEConfig, vae_checkpoint_name
 from models.checkpoint import check_matches, load_strict, read_state_dict
+from models.class_labels import ImageNetClassLabels
+from models.family import MultiScaleTokenizer, NextScaleTransformer, TransformerCosts
 from models.infinity import Infinity, InfinityConfig
 from models.schedules import Grid, full_template, infinity_schedule, parse_schedule
 from models.text_encoder import T5TextEncoder, TextTokens, WordTextEncoder, WordTextEncoderConfig
+from models.var import VAR, VARConfig
+from models.vqvae import VQVAE, VQVAEConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +42,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_SETTINGS = ("name", "sampling", "batch_size")  # model config keys read by experiments, not by builders
 
 
-class TextEncoder(Protocol):
-    channels: int
-    max_length: int
+class PromptEncoder(Protocol):
+    """Prompts -> what the transformer's `condition` reads: text tokens (Infinity, STAR) or class indices (VAR)."""
 
-    def encode(self, prompts: list[str]) -> TextTokens: ...
+    def encode(self, prompts: list[str]) -> object: ...
 
 
 @dataclass
 class TextToImageModel:
+    """A next-scale model of any family (models/family.py): prompts -> images through the one scale loop."""
+
     name: str
-    transformer: Infinity
-    vae: BSQVAE
-    text_encoder: TextEncoder
+    transformer: NextScaleTransformer
+    vae: MultiScaleTokenizer
+    text_encoder: PromptEncoder
     schedule: list[Grid]  # token grids, one per scale
     rope_grid: Grid  # the grid RoPE coordinates are normalised to
     device: torch.device
@@ -61,9 +68,13 @@ class TextToImageModel:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        h, w = self.schedule[-1]
-        pixels_per_token = self.vae.patch * self.vae.stride
-        return h * pixels_per_token, w * pixels_per_token
+        h, w = self.vae.latent_size(self.schedule[-1])
+        return h * self.vae.stride, w * self.vae.stride
+
+    def text_length(self, prompts: list[str]) -> int:
+        """The padded text tokens cross-attention reads for these prompts (0 for class-conditional models)."""
+        encoded = self.text_encoder.encode(prompts)
+        return encoded.features.shape[1] if isinstance(encoded, TextTokens) else 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -147,6 +158,10 @@ def check_model_weights(model_cfg: DictConfig) -> None:
         parts = {weight_file.part: getattr(model, weight_file.part) for weight_file in weight_files}
     elif model_cfg.random_init:
         return
+    elif hydra.utils.get_method(model_cfg._target_) is load_var:
+        with meta:
+            parts = {"transformer": VAR(VARConfig.of_depth(model_cfg.depth)), "vae": VQVAE(VQVAEConfig.vae_ch160v4096z32())}
+        weight_files = var_weight_files({key: _resolve(model_cfg.weights_dir, name) for key, name in model_cfg.files.items()})
     else:
         make_transformer_config, make_vae_config = _ARCHS[model_cfg.arch]
         with meta:
@@ -157,12 +172,16 @@ def check_model_weights(model_cfg: DictConfig) -> None:
         weight_file.check_against(parts[weight_file.part])
 
 
-def schedule_and_transformer(model_cfg: DictConfig) -> tuple[list[Grid], InfinityConfig]:
+def schedule_and_transformer(model_cfg: DictConfig) -> tuple[list[Grid], TransformerCosts]:
     """The scale schedule and transformer config a `conf/model/*.yaml` node describes, building nothing
     (for checks before any compute). The tiny model's files must exist (missing_model_files says)."""
-    if hydra.utils.get_method(model_cfg._target_) is load_tiny:
+    builder = hydra.utils.get_method(model_cfg._target_)
+    if builder is load_tiny:
         config = json.loads(tiny_paths(model_cfg.checkpoint_dir, model_cfg.files)["config"].read_text())
         return parse_schedule(config["schedule"]), _dataclass_from(InfinityConfig, config["transformer"])
+    if builder is load_var:
+        config = var_config(model_cfg.depth)
+        return config.schedule, config
     if model_cfg.arch not in _ARCHS:
         raise UserError(f"model.arch={model_cfg.arch!r} is unknown; choose one of {sorted(_ARCHS)}")
     make_transformer_config, _ = _ARCHS[model_cfg.arch]
@@ -256,6 +275,54 @@ class RandomTextFeatures:
         features = torch.randn(len(prompts), int(lengths.max()), self.channels, generator=generator)
         mask = torch.arange(features.shape[1])[None, :] < lengths[:, None]
         return TextTokens(features * mask[..., None], lengths)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Class-conditional VAR
+
+
+def var_config(depth: int) -> VARConfig:
+    try:
+        return VARConfig.of_depth(depth)
+    except ValueError as error:
+        raise UserError(f"model.depth={depth!r}: {error}") from None
+
+
+def load_var(
+    name: str,
+    device: torch.device,
+    depth: int,
+    weights_dir: str,
+    files: dict[str, str],
+    random_init: bool = False,
+    precision: str = "fp16",
+) -> TextToImageModel:
+    """VAR-d16 ... d36 from the official files (`var_d{depth}.pth`, `vae_ch160v4096z32.pth`, flat state dicts),
+    or the same architecture with random weights (for timing). Prompts are ImageNet class indices or names."""
+    if precision not in ("fp16", "bf16", "fp32"):
+        raise UserError(f"model.precision={precision!r} must be 'fp16', 'bf16' or 'fp32'")
+    config = var_config(depth)
+    paths = {key: _resolve(weights_dir, value) for key, value in files.items()}
+    if not random_init:
+        layout = f"  {weights_dir}/\n" + "".join(f"    {path.name}\n" for path in paths.values())
+        check_files(paths, layout)
+    with device:
+        transformer, vae = VAR(config), VQVAE(VQVAEConfig.vae_ch160v4096z32())
+    if random_init:
+        transformer.init_weights()
+    else:
+        parts = {"transformer": transformer, "vae": vae}
+        for weight_file in var_weight_files(paths):
+            weight_file.load_into(parts[weight_file.part])
+    autocast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision] if device.type == "cuda" else None
+    return TextToImageModel(
+        name, transformer.to(device).eval(), vae.to(device).eval(), ImageNetClassLabels(config.num_classes),
+        config.schedule, rope_grid=config.schedule[-1], device=device, autocast_dtype=autocast,
+    )
+
+
+def var_weight_files(paths: Mapping[str, Path]) -> list[WeightFile]:
+    return [WeightFile("transformer", paths["transformer"]), WeightFile("vae", paths["vae"])]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -53,6 +53,6 @@ def test_fused_attention_equals_the_explicit_math(accel):
     fused, math = ScaleRecorder(), ScaleRecorder()
     first = generate(model, prompts, sampling, seed=0, policy=policy, observers=[fused], decode=False)
     with sdpa_kernel([SDPBackend.MATH]):  # the same bits in, so every scale sees the same inputs
-        generate(model, prompts, sampling, seed=0, policy=policy, observers=[math], decode=False, forced_bits=first.bits)
+        generate(model, prompts, sampling, seed=0, policy=policy, observers=[math], decode=False, forced_codes=first.codes)
     differences = [float((a.logits - b.logits).abs().max()) for a, b in zip(fused.records, math.records)]
     assert 0 < max(differences) <= 1e-5  # other kernels (not bitwise equal), the same math

@@ -171,7 +171,7 @@ def test_fastvar_caches_only_the_kept_tokens_in_the_pruned_blocks(model):
     result, records = run(model, accel)
     kept = 1 + 4 + (16 - 8) + (36 - 9)
     assert records[-1].kv_lengths == [1 + 4 + 16 + 36, kept, kept, 1 + 4 + 16 + 36]  # blocks 1 and 2 are pruned
-    assert records[-1].plan.skip and result.bits[-1] is None
+    assert records[-1].plan.skip and result.codes[-1] is None
     assert [r.inputs.shape[0] for r in records[:-1]] == [4] * 4  # CFG untouched
 
 

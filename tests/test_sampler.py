@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from accel.sampler import Continuations, SamplingConfig, ScalePlan, generate, sample_bits
+from accel.sampler import Continuations, SamplingConfig, ScalePlan, generate
+from models.bsq_vae import sample_bits
 from models.bsq_vae import resize_latent
 from models.pipeline import TextToImageModel
 
@@ -21,7 +22,7 @@ PROMPTS = ["a photo of a red circle", "a photo of two blue squares"]
 def test_cached_sampler_logits_equal_the_block_causal_full_forward(model):
     recorder = ScaleRecorder()
     generate(model, PROMPTS, SamplingConfig(cfg=1.0, tau=1.0, top_p=0.0), seed=0, observers=[recorder], decode=False)
-    bits = [r.bits for r in recorder.records]
+    bits = [r.codes for r in recorder.records]
     inputs = model.vae.teacher_forcing_inputs(bits, model.schedule)
     with torch.no_grad():
         tokens = model.text_encoder.encode(PROMPTS)
@@ -60,7 +61,7 @@ def test_codes_accumulate_channels_last_like_the_official_code(model):
     result = generate(model, PROMPTS, SamplingConfig(cfg=1.0, tau=1.0), seed=0, observers=[recorder], decode=False)
     assert all(r.latent.is_contiguous(memory_format=torch.channels_last) for r in recorder.records)
     assert result.latent.is_contiguous(memory_format=torch.channels_last)  # what the VAE decodes
-    codes = model.vae.bits_to_codes(recorder.records[1].bits)
+    codes = model.vae.bits_to_codes(recorder.records[1].codes)
     resized = resize_latent(codes, (8, 8))
     assert codes.is_contiguous(memory_format=torch.channels_last) and resized.is_contiguous(memory_format=torch.channels_last)
     # The layout matters: a contiguous copy of the same codes, resized, gives other bits somewhere.
@@ -101,14 +102,14 @@ def test_top_p_removes_the_unlikely_value_of_each_bit():
     assert samples[..., 1].float().mean().item() == pytest.approx(0.5, abs=0.15)
 
 
-def test_forced_bits_replace_the_sampled_ones_of_the_first_scales(model):
+def test_forced_codes_replace_the_sampled_ones_of_the_first_scales(model):
     sampling = SamplingConfig(cfg=3.0, tau=1.0)
-    truth = generate(model, PROMPTS, sampling, seed=1).bits
-    forced = generate(model, PROMPTS, sampling, seed=2, forced_bits=truth[:2]).bits
+    truth = generate(model, PROMPTS, sampling, seed=1).codes
+    forced = generate(model, PROMPTS, sampling, seed=2, forced_codes=truth[:2]).codes
     assert all(torch.equal(f, t) for f, t in zip(forced[:2], truth[:2]))
     assert not torch.equal(forced[-1], truth[-1])  # the free scales are sampled from seed 2
-    everything = generate(model, PROMPTS, sampling, seed=2, forced_bits=truth)
-    assert all(torch.equal(f, t) for f, t in zip(everything.bits, truth))
+    everything = generate(model, PROMPTS, sampling, seed=2, forced_codes=truth)
+    assert all(torch.equal(f, t) for f, t in zip(everything.codes, truth))
 
 
 def test_a_continuation_with_the_runs_own_draws_reproduces_its_images_bit_for_bit(model):
@@ -129,7 +130,7 @@ def test_a_continuation_equals_the_run_recomputed_with_its_prefix_forced(model):
     run = generate(model, PROMPTS, sampling, seed=1, continuations=Continuations(after=[0, 2], seeds=[5, 6]))
     for k, images in run.continuations.items():
         for seed, continuation in zip([5, 6], images):
-            recomputed = generate(model, PROMPTS, sampling, seed=seed, forced_bits=run.bits[: k + 1])
+            recomputed = generate(model, PROMPTS, sampling, seed=seed, forced_codes=run.codes[: k + 1])
             assert torch.equal(continuation, recomputed.images), (k, seed)
 
 

@@ -23,7 +23,7 @@ PROMPTS = ["a photo of a red circle", "a photo of a blue square left of a yellow
 def fingerprint(model: TextToImageModel) -> dict:
     """Greedy bits (top-k 1: no sampling noise) of the coarse scales, and a 4x4 thumbnail of each image."""
     result = generate(model, PROMPTS, SamplingConfig(cfg=3.0, tau=1.0, top_k=1, top_p=0.0), seed=0)
-    coarse_bits = torch.cat([bits.flatten() for bits in result.bits[:4]]).to(torch.uint8).numpy().tobytes()
+    coarse_bits = torch.cat([bits.flatten() for bits in result.codes[:4]]).to(torch.uint8).numpy().tobytes()
     thumbnails = F.adaptive_avg_pool2d(result.images.permute(0, 3, 1, 2).float(), 4)
     return {"coarse_bits_sha256": hashlib.sha256(coarse_bits).hexdigest(), "thumbnails": thumbnails.round().tolist()}
 
