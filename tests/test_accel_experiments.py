@@ -28,7 +28,7 @@ from experiments.accel_common import (
     speed_row,
     time_interleaved,
 )
-from experiments.benchmark import infinity_2b_macs
+from experiments.benchmark import infinity_2b_macs, release_macs
 
 from helpers import CHECKPOINT_CONFIG, quick_overrides, read_rows, run_py, write_small_checkpoint
 
@@ -282,3 +282,19 @@ def test_accel_decompose_times_every_component_and_draws_where_the_speedup_comes
     assert by_method["released"]["mac_speedup"] > by_method["skip2"]["mac_speedup"]
     assert (run_dir / "figures" / "speedup_sources.png").is_file()
     assert (run_dir / "tables" / "infinity_2b_macs.csv").is_file()
+
+
+def test_analytic_tables_of_other_models_ignore_a_stages_file_of_the_probed_one(tmp_path: Path):
+    # A stages.json names its model and schedule; the Infinity-2B and VAR tables used to hand it to the policies of
+    # a model it does not describe, so `benchmark.stages_file=...` failed before any compute.
+    schedule = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]
+    write_stages(tmp_path / "stages.json", model="tiny", schedule=schedule, boundaries=StageBoundaries(1, 2, 3),
+                 ranks={"per_scale": [1, 2, 4, 6, 8]}, rule=StageRule(), semantic_curves={}, structural_curves={},
+                 num_prompts=1, code_version="test")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", ["experiment=benchmark", f"benchmark.stages_file={tmp_path / 'stages.json'}"])
+    methods = methods_from(cfg.benchmark.methods)
+    on_2b = {row["method"]: row["mac_speedup"] for row in infinity_2b_macs(methods, cfg.benchmark.infinity_2b)}
+    on_var = {row["method"]: row["mac_speedup"] for row in release_macs(methods, ["var_d30"])
+              if row["model"] == "var_d30"}
+    assert on_2b["stagevar"] > 2 and on_var["stagevar"] > 1.5 and on_var["stagevar_released"] > on_var["cfg_drop"]
