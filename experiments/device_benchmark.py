@@ -39,12 +39,14 @@ from experiments.accel_common import (
 from experiments.config_checks import check_model, number, whole
 from experiments.generate import sampling_config
 from experiments.recorder import RunRecorder
+from models.class_labels import ImageNetClassLabels
 from models.infinity import Infinity, InfinityConfig
 from models.pipeline import build_model
 
 log = logging.getLogger(__name__)
 
-PROMPT = "a photo of a red apple on a wooden table next to a blue cup"  # a short GenEval-like prompt
+TEXT_PROMPT = "a photo of a red apple on a wooden table next to a blue cup"  # a short GenEval-like prompt
+CLASS_PROMPT = "golden retriever"  # class-conditional models (VAR) read ImageNet classes
 # Dense (non-sparse) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by a substring of the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
@@ -81,9 +83,10 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
     log.info("%s on %s (%s), %s px, methods %s", cfg.model.name, device, device_name(device), model.image_size,
              ", ".join(policies))
 
+    prompt = CLASS_PROMPT if isinstance(model.text_encoder, ImageNetClassLabels) else TEXT_PROMPT
     rows = []
     for batch_size in settings.batch_sizes:
-        prompts = [PROMPT] * batch_size
+        prompts = [prompt] * batch_size
         for row in measure_speed(model, policies, prompts, sampling, cfg.seed, timing, recorder):
             policy = policies[row["method"]]
             tflops = 2 * row["gmacs"] * 1e9 / row["latency_s"] / 1e12
@@ -112,7 +115,7 @@ def run(cfg: DictConfig, recorder: RunRecorder) -> dict:
              settings.precision_check.transformer, precision["max_abs"], precision["max_abs_over_std"])
     profile = None
     if settings.profile:
-        profile = profile_generation(lambda: generate(model, [PROMPT], sampling, cfg.seed), device)
+        profile = profile_generation(lambda: generate(model, [prompt], sampling, cfg.seed), device)
         (recorder.run_dir / "profile.txt").write_text(profile + "\n")
         log.info("one baseline generation at batch 1, top operators:\n%s", profile)
     return {

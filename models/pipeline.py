@@ -1,7 +1,8 @@
 """A text-to-image next-scale model as the sampler sees it: transformer, VAE, text encoder and schedule.
 
 `build_model(cfg.model, device)` instantiates the `_target_` of a `conf/model/*.yaml`: `load_infinity` for the
-official Infinity-2B / 8B files, `load_var` for class-conditional VAR (d16-d36), `load_tiny` for the small
+official Infinity-2B / 8B files, `load_var` for class-conditional VAR (d16-d36), `load_star` for STAR (text to
+image at 256 / 512 / 1024 px), `load_tiny` for the small
 default model committed under `checkpoints/tiny`. The transformer and tokenizer of every family offer the pieces
 of models/family.py, so the one scale loop runs them all.
 Every weight file is checked before anything is built, and a missing one is an error naming the file, the
@@ -32,7 +33,15 @@ from models.class_labels import ImageNetClassLabels
 from models.family import MultiScaleTokenizer, NextScaleTransformer, TransformerCosts
 from models.infinity import Infinity, InfinityConfig
 from models.schedules import Grid, full_template, infinity_schedule, parse_schedule
-from models.text_encoder import T5TextEncoder, TextTokens, WordTextEncoder, WordTextEncoderConfig
+from models.star import STAR, STARConfig
+from models.text_encoder import (
+    CLIPTextEncoder,
+    RandomCLIPFeatures,
+    T5TextEncoder,
+    TextTokens,
+    WordTextEncoder,
+    WordTextEncoderConfig,
+)
 from models.var import VAR, VARConfig
 from models.vqvae import VQVAE, VQVAEConfig
 
@@ -158,10 +167,13 @@ def check_model_weights(model_cfg: DictConfig) -> None:
         parts = {weight_file.part: getattr(model, weight_file.part) for weight_file in weight_files}
     elif model_cfg.random_init:
         return
-    elif hydra.utils.get_method(model_cfg._target_) is load_var:
+    elif hydra.utils.get_method(model_cfg._target_) in (load_var, load_star):
+        _, config = schedule_and_transformer(model_cfg)
         with meta:
-            parts = {"transformer": VAR(VARConfig.of_depth(model_cfg.depth)), "vae": VQVAE(VQVAEConfig.vae_ch160v4096z32())}
-        weight_files = var_weight_files({key: _resolve(model_cfg.weights_dir, name) for key, name in model_cfg.files.items()})
+            transformer = VAR(config) if isinstance(config, VARConfig) else STAR(config)
+            parts = {"transformer": transformer, "vae": VQVAE(VQVAEConfig.vae_ch160v4096z32())}
+        paths = {key: _resolve(model_cfg.weights_dir, name) for key, name in model_cfg.files.items()}
+        weight_files = var_weight_files(paths) if isinstance(config, VARConfig) else star_weight_files(paths)
     else:
         make_transformer_config, make_vae_config = _ARCHS[model_cfg.arch]
         with meta:
@@ -181,6 +193,9 @@ def schedule_and_transformer(model_cfg: DictConfig) -> tuple[list[Grid], Transfo
         return parse_schedule(config["schedule"]), _dataclass_from(InfinityConfig, config["transformer"])
     if builder is load_var:
         config = var_config(model_cfg.depth)
+        return config.schedule, config
+    if builder is load_star:
+        config = star_config(model_cfg.resolution, model_cfg.depth)
         return config.schedule, config
     if model_cfg.arch not in _ARCHS:
         raise UserError(f"model.arch={model_cfg.arch!r} is unknown; choose one of {sorted(_ARCHS)}")
@@ -323,6 +338,71 @@ def load_var(
 
 def var_weight_files(paths: Mapping[str, Path]) -> list[WeightFile]:
     return [WeightFile("transformer", paths["transformer"]), WeightFile("vae", paths["vae"])]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# STAR
+
+
+def star_config(resolution: int, depth: int) -> STARConfig:
+    try:
+        return STARConfig.release(resolution, depth)
+    except ValueError as error:
+        raise UserError(f"model.resolution={resolution!r}, model.depth={depth!r}: {error}") from None
+
+
+def load_star(
+    name: str,
+    device: torch.device,
+    resolution: int,
+    depth: int,
+    weights_dir: str,
+    files: dict[str, str],
+    random_init: bool = False,
+    precision: str = "fp16",
+) -> TextToImageModel:
+    """STAR (Davinci-XLab/STAR-T2I) at 256 / 512 / 1024 px from the official files, or the same architecture with
+    random weights (for timing).
+
+    `files`, relative to `weights_dir`: the transformer (a training snapshot, its weights under
+    `['trainer']['var_wo_ddp']`), VAR's `vae_ch160v4096z32.pth` and the CLIP folder (`tokenizer/`, `text_encoder/`).
+    With `random_init` the transformer and VAE are random; the text encoder still loads from its folder when
+    present, otherwise random text features stand in (logged loudly).
+    """
+    if precision not in ("fp16", "bf16", "fp32"):
+        raise UserError(f"model.precision={precision!r} must be 'fp16', 'bf16' or 'fp32'")
+    config = star_config(resolution, depth)
+    paths = {key: _resolve(weights_dir, value) for key, value in files.items()}
+    layout = f"  {weights_dir}/\n" + "".join(f"    {path.name}{'/' if key == 'text_encoder' else ''}\n"
+                                             for key, path in paths.items())
+    needed = {"text_encoder": paths["text_encoder"]} if random_init else paths
+    if not random_init or paths["text_encoder"].exists():
+        check_files(needed, layout)
+    with device:
+        # The VAE keeps its 10-scale training config at every resolution (the file's ema_vocab_hit_SV has 10 rows);
+        # the schedule (14 scales at 1024 px) reaches the tokenizer as an argument.
+        transformer, vae = STAR(config), VQVAE(VQVAEConfig.vae_ch160v4096z32())
+    if random_init:
+        transformer.init_weights()
+    else:
+        parts = {"transformer": transformer, "vae": vae}
+        for weight_file in star_weight_files(paths):
+            weight_file.load_into(parts[weight_file.part])
+    if paths["text_encoder"].exists():
+        text_encoder = CLIPTextEncoder(paths["text_encoder"], device=device)
+    else:
+        log.warning("RANDOM TEXT FEATURES: %s not found; prompts are NOT encoded (timing only)", paths["text_encoder"])
+        text_encoder = RandomCLIPFeatures(config.text_channels)
+    autocast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision] if device.type == "cuda" else None
+    return TextToImageModel(
+        name, transformer.to(device).eval(), vae.to(device).eval(), text_encoder, config.schedule,
+        rope_grid=config.schedule[-1], device=device, autocast_dtype=autocast,
+    )
+
+
+def star_weight_files(paths: Mapping[str, Path]) -> list[WeightFile]:
+    """The transformer inside the release's training snapshot and VAR's VAE (the CLIP folder is transformers')."""
+    return [WeightFile("transformer", paths["transformer"], key="trainer.var_wo_ddp"), WeightFile("vae", paths["vae"])]
 
 
 # ----------------------------------------------------------------------------------------------------------

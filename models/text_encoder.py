@@ -191,3 +191,119 @@ def _word_ids(vocabulary: Sequence[str]) -> dict[str, int]:
     if duplicates:
         raise TextEncoderError(f"vocabulary words appear more than once: {duplicates}")
     return {word: _FIRST_WORD_ID + i for i, word in enumerate(vocabulary)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP, STAR's text tower (models/star.py)
+
+CLIP_PATH_CONFIG_KEY = "model.files.text_encoder"
+CLIP_SUBFOLDERS = ("tokenizer", "text_encoder")
+
+
+CLIP_TOKENS = 77  # CLIP's context: STAR's prompts are padded to it
+
+
+@dataclass
+class CLIPTextTokens(TextTokens):
+    """A CLIP text tower's reading of B prompts, as STAR's `condition` takes it.
+
+    - features (B, T, C): `last_hidden_state` (after CLIP's final LayerNorm) at all T = 77 padded positions.
+      Unlike the other encoders' TextTokens, the padding holds CLIP's own values, not zeros, as the official code
+      passes them: STAR's cross-attention masks those positions out, so their values never count.
+    - lengths (B,): valid tokens (start, words, end of text); `mask` (B, T) bool, True at them.
+    - pooled (B, C): `pooler_output`, the final hidden state at the end-of-text token, with no projection.
+    - null: the same for the empty prompt "" (one row; its mask has 2 ones), STAR's null text for CFG.
+    """
+
+    mask: Tensor
+    pooled: Tensor
+    null: CLIPTextTokens | None = None
+
+
+class CLIPTextEncoder:
+    """STAR's frozen CLIP text model (SD-2.1's 1024-d OpenCLIP-ViT-H text tower in the release) from a local
+    diffusers-style folder with `tokenizer/` and `text_encoder/` subfolders; fp32 on every device, as the official
+    code. Prompts are padded to the tokenizer's 77 tokens and truncated (with a warning); "" is encoded once, as
+    the null text every output carries."""
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = Path(folder)
+        _check_clip_folder(folder)
+        self.device = torch.device(device)
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+            self.model = CLIPTextModel.from_pretrained(
+                folder, subfolder="text_encoder", local_files_only=True, dtype=torch.float32
+            )
+        except (OSError, ValueError, ImportError) as err:
+            raise TextEncoderError(
+                f"cannot load the CLIP text encoder from {folder} (config key `{CLIP_PATH_CONFIG_KEY}`): {err}"
+            ) from err
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.channels: int = self.model.config.hidden_size
+        self.max_length: int = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+        self._null: CLIPTextTokens | None = None
+
+    @torch.no_grad()  # not inference_mode: the features may feed a model that is being trained
+    def encode(self, prompts: list[str]) -> CLIPTextTokens:
+        tokens = self._encode(prompts)
+        if self._null is None:
+            self._null = self._encode([""])
+        tokens.null = self._null
+        return tokens
+
+    def _encode(self, prompts: list[str]) -> CLIPTextTokens:
+        for prompt, ids in zip(prompts, self.tokenizer(prompts)["input_ids"]):
+            if len(ids) > self.max_length:
+                _warn_truncated(prompt, len(ids), self.max_length)
+        batch = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        # The ids alone: CLIP is causal, so the valid tokens and the pooled end-of-text state never see the padding.
+        output = self.model(input_ids=batch["input_ids"])
+        mask = batch["attention_mask"].bool()
+        return CLIPTextTokens(features=output.last_hidden_state.float(), lengths=mask.sum(1), mask=mask,
+                              pooled=output.pooler_output.float())
+
+
+def _check_clip_folder(folder: Path) -> None:
+    expected = ("a diffusers-style folder with `tokenizer/` (vocab.json and merges.txt, or tokenizer.json) and "
+                "`text_encoder/` (config.json and the weights), e.g. the STAR release's CLIP folder")
+    where = f"CLIP text encoder folder {folder} (config key `{CLIP_PATH_CONFIG_KEY}`)"
+    if not folder.is_dir():
+        raise TextEncoderError(f"{where} does not exist; it should be {expected}")
+    missing = [f"{name}/" for name in CLIP_SUBFOLDERS if not (folder / name).is_dir()]
+    if missing:
+        raise TextEncoderError(f"{where} lacks {', '.join(missing)}; it should be {expected}")
+
+
+class RandomCLIPFeatures:
+    """Stand-in for CLIPTextEncoder when timing without CLIP weights: random features, NOT an encoding.
+
+    Per prompt, features (77, channels), a pooled vector and a mask of one token per word plus the start and end
+    tokens (capped at 77), drawn from a generator seeded by the prompt's text, so that a prompt reads the same in any
+    batch; "" gives the null text (2 valid tokens), as CLIP's.
+    """
+
+    def __init__(self, channels: int = 1024, max_length: int = CLIP_TOKENS):
+        self.channels = channels
+        self.max_length = max_length
+
+    def encode(self, prompts: list[str]) -> CLIPTextTokens:
+        tokens = self._encode(prompts)
+        tokens.null = self._encode([""])
+        return tokens
+
+    def _encode(self, prompts: list[str]) -> CLIPTextTokens:
+        import zlib  # a stable hash of the prompt (Python's hash() is salted per process)
+
+        features, pooled = [], []
+        for prompt in prompts:
+            generator = torch.Generator().manual_seed(zlib.crc32(prompt.encode("utf-8")))
+            features.append(torch.randn(self.max_length, self.channels, generator=generator))
+            pooled.append(torch.randn(self.channels, generator=generator))
+        lengths = torch.tensor([min(len(prompt.split()) + 2, self.max_length) for prompt in prompts])
+        mask = torch.arange(self.max_length)[None, :] < lengths[:, None]
+        return CLIPTextTokens(features=torch.stack(features), lengths=lengths, mask=mask, pooled=torch.stack(pooled))

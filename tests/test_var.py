@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from accel.macs import count_macs
 from accel.policies import build_policy
-from accel.sampler import SamplingConfig, generate
+from accel.sampler import Continuations, SamplingConfig, generate
+from analysis.probe import ScaleTrace
 from errors import UserError
 from models.checkpoint import CheckpointError, load_strict
 from models.class_labels import ImageNetClassLabels
@@ -180,3 +181,16 @@ def test_every_policy_runs_on_var_and_its_macs_equal_the_flop_counter(model, mon
     assert result.images.shape == (3, 16, 16, 3)
     macs = count_macs(model.transformer.config, model.schedule, policy, batch_size=3, text_length=0)
     assert 2 * macs.total == total
+
+
+def test_the_stage_probe_trace_and_continuations_run_on_var(model):
+    sampling = SamplingConfig(cfg=1.5, cfg_ramp=True, tau=1.0, top_k=900, top_p=0.96)
+    trace = ScaleTrace(model.vae, rank_blocks=[1], chunk_starts=[0])
+    forks = Continuations(after=[2, 4], seeds=[None, 11])
+    result = generate(model, CLASSES, sampling, seed=5, observers=[trace], continuations=forks)
+    assert len(trace.partial_images) == len(model.schedule) and torch.equal(trace.partial_images[-1], result.images)
+    assert not torch.equal(trace.partial_images[1], result.images)
+    # A fork with the run's own generator state finishes as the run did; another seed changes the image.
+    for scale in (2, 4):
+        same, other = result.continuations[scale]
+        assert torch.equal(same, result.images) and not torch.equal(other, result.images)
