@@ -22,6 +22,8 @@ def model_config(name: str, *overrides: str):
 @pytest.mark.parametrize("name, files", [
     ("infinity2b", ["infinity_2b_reg.pth", "infinity_vae_d32reg.pth", "flan-t5-xl"]),
     ("infinity8b", ["infinity_8b_weights", "infinity_vae_d56_f8_14_patchify.pth", "flan-t5-xl"]),
+    ("var_d30", ["var_d30.pth", "vae_ch160v4096z32.pth"]),
+    ("star_1024_d30", ["star_rope_d30_1024_drop_3-ar-ckpt-ep1-iter21000.pth", "vae_ch160v4096z32.pth", "CLIP"]),
 ])
 def test_missing_official_weights_fail_fast_naming_every_file(tmp_path, name, files):
     with pytest.raises(UserError) as error:
@@ -40,6 +42,24 @@ def test_official_weights_are_checked_from_their_pickle_against_a_meta_model(tmp
     with pytest.raises(UserError, match=r"infinity_2b_reg.pth \(model.files.transformer\) does not match Infinity "
                                         r"\(\d+ module tensors, 1 in the checkpoint\).*1 unexpected: model.weight"):
         check_model_weights(model_config("infinity2b", f"paths.weights_dir={tmp_path}"))
+
+
+def test_var_and_star_files_are_checked_from_their_headers_naming_the_first_bad_tensor(tmp_path):
+    from models.var import VAR, VARConfig
+
+    with torch.device("meta"):
+        official = VAR(VARConfig.of_depth(16)).state_dict()
+    truncated = {name: torch.zeros(tensor.shape[:1]) for name, tensor in official.items() if name != "pos_start"}
+    torch.save(truncated, tmp_path / "var_d16.pth")  # the right names (but one), shapes cut to save a 1 GB file
+    torch.save({"encoder.conv_in.weight": torch.zeros(2)}, tmp_path / "vae_ch160v4096z32.pth")
+    with pytest.raises(UserError, match=r"var_d16.pth \(model.files.transformer\) does not match VAR.*1 missing: "
+                                        r"pos_start.*wrong shape: pos_1LC"):
+        check_model_weights(model_config("var_d16", f"paths.weights_dir={tmp_path}"))
+    # STAR's snapshot keeps its weights under trainer.var_wo_ddp: a flat file is refused naming the key.
+    torch.save(truncated, tmp_path / "star_rope_d30_256-ar-ckpt-ep3-iter20000.pth")
+    (tmp_path / "CLIP").mkdir()
+    with pytest.raises(UserError, match=r"no entry 'trainer' on the way to key 'trainer.var_wo_ddp'"):
+        check_model_weights(model_config("star_256_d30", f"paths.weights_dir={tmp_path}"))
 
 
 def test_missing_tiny_checkpoint_names_the_files_and_how_to_get_them(tmp_path):
