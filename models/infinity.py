@@ -81,12 +81,12 @@ class InfinityConfig:
         return ("sa", "ca", "ffn")
 
     def branch_macs(self, name: str, tokens: int, kv_length: int, text_length: int) -> int:
-        C, n, T = self.embed_dim, tokens, text_length
-        if name == "sa":  # q, k, v and out projections; QK^T and AV over the cache
-            return 4 * C * C * n + 2 * C * n * kv_length
-        if name == "ca":  # q and out projections; the text's K/V; QK^T and AV over the text
-            return 2 * C * C * n + 2 * C * C * T + 2 * C * n * T
-        return 2 * C * self.mlp_hidden * n
+        C = self.embed_dim
+        if name == "sa":
+            return self_attention_macs(C, tokens, kv_length)
+        if name == "ca":  # the text is projected to the width C once per generation, then each block's K/V
+            return cross_attention_macs(C, tokens, text_length, text_width=C)
+        return feed_forward_macs(C, self.mlp_hidden, tokens)
 
     def scale_macs(self, tokens: int) -> int:
         """The head: its AdaLN from the pooled text, and two logits per bit."""
@@ -99,6 +99,23 @@ class InfinityConfig:
     @classmethod
     def infinity_8b(cls) -> InfinityConfig:
         return cls(depth=40, embed_dim=3584, num_heads=28, bits_per_token=56)
+
+
+# Multiply-accumulates per batch row of the branches every family shares (accel/macs.py sums them).
+
+
+def self_attention_macs(width: int, tokens: int, kv_length: int) -> int:
+    """q, k, v and out projections of `tokens` tokens; QK^T and AV over the KV cache of `kv_length`."""
+    return 4 * width * width * tokens + 2 * width * tokens * kv_length
+
+
+def cross_attention_macs(width: int, tokens: int, text_length: int, text_width: int) -> int:
+    """q and out projections; the text's K/V from `text_width` channels; QK^T and AV over the text."""
+    return 2 * width * width * tokens + 2 * width * text_width * text_length + 2 * width * tokens * text_length
+
+
+def feed_forward_macs(width: int, hidden: int, tokens: int) -> int:
+    return 2 * width * hidden * tokens
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,7 +413,32 @@ class RMSNorm(nn.Module):
 # The model
 
 
-class Infinity(nn.Module):
+class BlockStack:
+    """The block loop every family's transformer shares (Infinity, VAR, STAR): blocks called as
+    block(x, condition, rope, cache, router, attn_mask), each with an `index`."""
+
+    def run_blocks(
+        self,
+        x: Tensor,
+        blocks: Sequence[nn.Module],
+        condition: object,
+        rope: object,
+        cache: KVCache | None = None,
+        router: Router = run_on_all_tokens,
+        attn_mask: Tensor | None = None,
+        capture: Iterable[int] = (),
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Run `blocks` in order on tokens x (B, n, C); returns the output and that of the blocks in `capture`."""
+        capture = set(capture)
+        captured: dict[int, Tensor] = {}
+        for block in blocks:
+            x = block(x, condition, rope, cache, router, attn_mask)
+            if block.index in capture:
+                captured[block.index] = x
+        return x, captured
+
+
+class Infinity(BlockStack, nn.Module):
     def __init__(self, config: InfinityConfig):
         super().__init__()
         self.config = config
@@ -500,26 +542,6 @@ class Infinity(nn.Module):
         """
         # An int indexes the table directly: a tensor made from it would be a host-to-device copy per scale.
         return x + (self.lvl_embed.weight[scale_index] if isinstance(scale_index, int) else self.lvl_embed(scale_index))
-
-    def run_blocks(
-        self,
-        x: Tensor,
-        blocks: Sequence[CrossAttnBlock],
-        text: TextCondition,
-        rope: Rope,
-        cache: KVCache | None = None,
-        router: Router = run_on_all_tokens,
-        attn_mask: Tensor | None = None,
-        capture: Iterable[int] = (),
-    ) -> tuple[Tensor, dict[int, Tensor]]:
-        """Run `blocks` in order on tokens x (B, n, C); returns the output and that of the blocks in `capture`."""
-        capture = set(capture)
-        captured: dict[int, Tensor] = {}
-        for block in blocks:
-            x = block(x, text, rope, cache, router, attn_mask)
-            if block.index in capture:
-                captured[block.index] = x
-        return x, captured
 
     def head_logits(self, hidden: Tensor, text: TextCondition) -> Tensor:
         """(B, n, C) -> (B, n, 2 * bits) logits in fp32; logits[2k], logits[2k+1] score bit k = 0, 1."""

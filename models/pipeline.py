@@ -303,6 +303,17 @@ def var_config(depth: int) -> VARConfig:
         raise UserError(f"model.depth={depth!r}: {error}") from None
 
 
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+
+def codebook_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """VAR's and STAR's `model.precision`: the autocast dtype of their official scripts on CUDA (fp16); the CPU
+    runs fp32."""
+    if precision not in AUTOCAST_DTYPES:
+        raise UserError(f"model.precision={precision!r} must be one of {list(AUTOCAST_DTYPES)}")
+    return AUTOCAST_DTYPES[precision] if device.type == "cuda" else None
+
+
 def load_var(
     name: str,
     device: torch.device,
@@ -314,8 +325,7 @@ def load_var(
 ) -> TextToImageModel:
     """VAR-d16 ... d36 from the official files (`var_d{depth}.pth`, `vae_ch160v4096z32.pth`, flat state dicts),
     or the same architecture with random weights (for timing). Prompts are ImageNet class indices or names."""
-    if precision not in ("fp16", "bf16", "fp32"):
-        raise UserError(f"model.precision={precision!r} must be 'fp16', 'bf16' or 'fp32'")
+    autocast = codebook_autocast(precision, device)
     config = var_config(depth)
     paths = {key: _resolve(weights_dir, value) for key, value in files.items()}
     if not random_init:
@@ -329,7 +339,6 @@ def load_var(
         parts = {"transformer": transformer, "vae": vae}
         for weight_file in var_weight_files(paths):
             weight_file.load_into(parts[weight_file.part])
-    autocast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision] if device.type == "cuda" else None
     return TextToImageModel(
         name, transformer.to(device).eval(), vae.to(device).eval(), ImageNetClassLabels(config.num_classes),
         config.schedule, rope_grid=config.schedule[-1], device=device, autocast_dtype=autocast,
@@ -369,8 +378,7 @@ def load_star(
     With `random_init` the transformer and VAE are random; the text encoder still loads from its folder when
     present, otherwise random text features stand in (logged loudly).
     """
-    if precision not in ("fp16", "bf16", "fp32"):
-        raise UserError(f"model.precision={precision!r} must be 'fp16', 'bf16' or 'fp32'")
+    autocast = codebook_autocast(precision, device)
     config = star_config(resolution, depth)
     paths = {key: _resolve(weights_dir, value) for key, value in files.items()}
     layout = f"  {weights_dir}/\n" + "".join(f"    {path.name}{'/' if key == 'text_encoder' else ''}\n"
@@ -393,7 +401,6 @@ def load_star(
     else:
         log.warning("RANDOM TEXT FEATURES: %s not found; prompts are NOT encoded (timing only)", paths["text_encoder"])
         text_encoder = RandomCLIPFeatures(config.text_channels)
-    autocast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision] if device.type == "cuda" else None
     return TextToImageModel(
         name, transformer.to(device).eval(), vae.to(device).eval(), text_encoder, config.schedule,
         rope_grid=config.schedule[-1], device=device, autocast_dtype=autocast,

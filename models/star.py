@@ -40,7 +40,6 @@ sampler checkpoint (section E of the key listing) is not implemented: the public
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,9 +47,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.infinity import MAX_LOG_TEMPERATURE, FeedForward, KVCache, Rope, Router, SelfAttention, run_on_all_tokens
+from models.infinity import (
+    MAX_LOG_TEMPERATURE,
+    BlockStack,
+    FeedForward,
+    KVCache,
+    Rope,
+    Router,
+    SelfAttention,
+    cross_attention_macs,
+    feed_forward_macs,
+    run_on_all_tokens,
+    self_attention_macs,
+)
 from models.schedules import Grid
-from models.var import PATCH_NUMS_256, PATCH_NUMS_512
+from models.var import PATCH_NUMS_256, PATCH_NUMS_512, SquareScales
 
 if TYPE_CHECKING:  # the text encoder's module imports transformers, which the model itself does not need
     from models.text_encoder import CLIPTextTokens
@@ -67,7 +78,7 @@ CA_SOURCES = ("per_prompt", "own_row")
 
 
 @dataclass
-class STARConfig:
+class STARConfig(SquareScales):
     depth: int = 30
     embed_dim: int = 1920  # 64 * depth in every release
     num_heads: int = 30  # = depth (head dim 64)
@@ -113,22 +124,6 @@ class STARConfig:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
-    @property
-    def block_chunks(self) -> int:
-        return 1  # STAR's checkpoints do not group blocks
-
-    @property
-    def mlp_hidden(self) -> int:
-        return round(self.embed_dim * self.mlp_ratio)
-
-    @property
-    def schedule(self) -> list[Grid]:
-        return [(pn, pn) for pn in self.patch_nums]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(pn * pn for pn in self.patch_nums)
-
     # --- costs (accel/macs.py), multiply-accumulates per batch row ------------------------------------------
     # C width, Ct text width, n the branch's tokens, L the block's KV length after the scale, T the text tokens.
 
@@ -137,13 +132,13 @@ class STARConfig:
         return ("sa", "ca", "ffn")
 
     def branch_macs(self, name: str, tokens: int, kv_length: int, text_length: int) -> int:
-        C, n, T = self.embed_dim, tokens, text_length
-        if name == "sa":  # q, k, v and out projections; QK^T and AV over the cache
-            return 4 * C * C * n + 2 * C * n * kv_length
-        if name == "ca":  # q and out projections; the text's K/V (re-projected at every scale, as the official
-            # code); QK^T and AV over the text. Every row runs it, including those that take another row's output.
-            return 2 * C * C * n + 2 * C * self.text_channels * T + 2 * C * n * T
-        return 2 * C * self.mlp_hidden * n
+        C = self.embed_dim
+        if name == "sa":
+            return self_attention_macs(C, tokens, kv_length)
+        if name == "ca":  # each block projects the raw CLIP tokens at every scale, as the official code; every row
+            # runs it, including those that take another row's output
+            return cross_attention_macs(C, tokens, text_length, text_width=self.text_channels)
+        return feed_forward_macs(C, self.mlp_hidden, tokens)
 
     def scale_macs(self, tokens: int) -> int:
         """The head: one logit per codebook entry (STAR has no AdaLN to recompute)."""
@@ -326,7 +321,7 @@ class LogitHead(nn.Linear):
 # The model
 
 
-class STAR(nn.Module):
+class STAR(BlockStack, nn.Module):
     def __init__(self, config: STARConfig):
         super().__init__()
         self.config = config
@@ -411,25 +406,6 @@ class STAR(nn.Module):
     @property
     def chunks(self) -> list[list[STARBlock]]:
         return [list(self.blocks)]
-
-    def run_blocks(
-        self,
-        x: Tensor,
-        blocks: Sequence[STARBlock],
-        condition: STARTextCondition,
-        rope: Rope,
-        cache: KVCache | None = None,
-        router: Router = run_on_all_tokens,
-        attn_mask: Tensor | None = None,
-        capture: Iterable[int] = (),
-    ) -> tuple[Tensor, dict[int, Tensor]]:
-        capture = set(capture)
-        captured: dict[int, Tensor] = {}
-        for block in blocks:
-            x = block(x, condition, rope, cache, router, attn_mask)
-            if block.index in capture:
-                captured[block.index] = x
-        return x, captured
 
     # `head_logits(hidden, condition)` is the `head_logits` module (LogitHead): the official name of the head.
 

@@ -16,7 +16,6 @@ ramp, top-k 900, top-p 0.96) are the model config's `sampling` (conf/model/var_d
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,12 +23,15 @@ from torch import Tensor, nn
 
 from models.infinity import (
     AdaLNBeforeHead,
+    BlockStack,
     FeedForward,
     KVCache,
     Router,
     SelfAttention,
     ada_layer_norm,
+    feed_forward_macs,
     run_on_all_tokens,
+    self_attention_macs,
 )
 from models.schedules import Grid
 
@@ -37,8 +39,33 @@ PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 
+class SquareScales:
+    """What VAR's and STAR's configs share: square scales of `patch_nums` sides, unchunked blocks (their
+    checkpoints do not group them), an FFN of `mlp_ratio` times the width."""
+
+    patch_nums: tuple[int, ...]
+    embed_dim: int
+    mlp_ratio: float
+
+    @property
+    def block_chunks(self) -> int:
+        return 1
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def schedule(self) -> list[Grid]:
+        return [(pn, pn) for pn in self.patch_nums]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+
 @dataclass
-class VARConfig:
+class VARConfig(SquareScales):
     depth: int = 16
     embed_dim: int = 1024  # 64 * depth in every release
     num_heads: int = 16  # = depth (head dim 64)
@@ -67,22 +94,6 @@ class VARConfig:
         patch_nums, shared = (PATCH_NUMS_512, True) if depth == 36 else (PATCH_NUMS_256, False)
         return cls(depth=depth, embed_dim=64 * depth, num_heads=depth, patch_nums=patch_nums, shared_aln=shared)
 
-    @property
-    def block_chunks(self) -> int:
-        return 1  # VAR's checkpoints do not group blocks
-
-    @property
-    def mlp_hidden(self) -> int:
-        return round(self.embed_dim * self.mlp_ratio)
-
-    @property
-    def schedule(self) -> list[Grid]:
-        return [(pn, pn) for pn in self.patch_nums]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(pn * pn for pn in self.patch_nums)
-
     # --- costs (accel/macs.py), multiply-accumulates per batch row ------------------------------------------
 
     @property
@@ -90,10 +101,9 @@ class VARConfig:
         return ("sa", "ffn")
 
     def branch_macs(self, name: str, tokens: int, kv_length: int, text_length: int) -> int:
-        C, n = self.embed_dim, tokens
-        if name == "sa":  # q, k, v and out projections; QK^T and AV over the cache
-            return 4 * C * C * n + 2 * C * n * kv_length
-        return 2 * C * self.mlp_hidden * n
+        if name == "sa":
+            return self_attention_macs(self.embed_dim, tokens, kv_length)
+        return feed_forward_macs(self.embed_dim, self.mlp_hidden, tokens)
 
     def scale_macs(self, tokens: int) -> int:
         """Each block's AdaLN from the class (recomputed at every scale, as the official code), the head's AdaLN,
@@ -165,7 +175,7 @@ class AdaLNSelfAttn(nn.Module):
         return x + router("ffn", self.index, x, rope, feed_forward)
 
 
-class VAR(nn.Module):
+class VAR(BlockStack, nn.Module):
     def __init__(self, config: VARConfig):
         super().__init__()
         self.config = config
@@ -240,25 +250,6 @@ class VAR(nn.Module):
     @property
     def chunks(self) -> list[list[AdaLNSelfAttn]]:
         return [list(self.blocks)]
-
-    def run_blocks(
-        self,
-        x: Tensor,
-        blocks: Sequence[AdaLNSelfAttn],
-        condition: ClassCondition,
-        rope: AbsolutePositions,
-        cache: KVCache | None = None,
-        router: Router = run_on_all_tokens,
-        attn_mask: Tensor | None = None,
-        capture: Iterable[int] = (),
-    ) -> tuple[Tensor, dict[int, Tensor]]:
-        capture = set(capture)
-        captured: dict[int, Tensor] = {}
-        for block in blocks:
-            x = block(x, condition, rope, cache, router, attn_mask)
-            if block.index in capture:
-                captured[block.index] = x
-        return x, captured
 
     def head_logits(self, hidden: Tensor, condition: ClassCondition) -> Tensor:
         """(B, n, C) -> (B, n, codebook_size) logits in fp32."""

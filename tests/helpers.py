@@ -8,6 +8,7 @@ from pathlib import Path
 from unittest.mock import patch
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import run
 from evals.shapes_world import VOCABULARY
@@ -46,6 +47,41 @@ def small_model(config: dict, confident: bool = True) -> TextToImageModel:
 
 
 CONFIG_64PX = small_config([1, 2, 4, 8, 16], vae_base_ch=8, vae_ch_mult=(1, 2, 2))  # 64 x 64 images, 5 scales
+
+
+class FlopCount:
+    """PyTorch's FLOP counter around a transformer's block loop and head, what accel/macs.py counts (2 FLOPs per
+    MAC); `total` grows with every call while the monkeypatch lasts."""
+
+    def __init__(self, transformer: torch.nn.Module, monkeypatch):
+        self.total = 0
+        monkeypatch.setattr(transformer, "run_blocks", self._counting(transformer.run_blocks))
+        head = transformer.head_logits
+        if isinstance(head, torch.nn.Module):  # STAR: the head is the official `head_logits` module
+            monkeypatch.setattr(head, "forward", self._counting(head.forward))
+        else:
+            monkeypatch.setattr(transformer, "head_logits", self._counting(head))
+
+    def _counting(self, method):
+        def counted(*args, **kwargs):
+            with FlopCounterMode(display=False) as counter:
+                result = method(*args, **kwargs)
+            self.total += counter.get_total_flops()
+            return result
+
+        return counted
+
+
+# Every accel option, with settings that act within a small 6-scale schedule (the codebook families' tests).
+POLICIES = [
+    ("none", {}),
+    ("cfg_drop", {"refinement_start": -2}),
+    ("stagevar", {"rank_ratio": 0.3}),
+    ("stagevar", {"rank_ratio": 0.2, "sketch": "gaussian", "indices": "topk_norm", "keep_branch": "cond"}),
+    ("stagevar_released", {}),
+    ("fastvar", {"cache_scale": 2, "prune_scales": [3, 4], "prune_ratios": [0.4, 0.5], "skip_last": 1}),
+    ("skipvar", {"skip_last": 1, "cond_only_last": 3}),
+]
 
 
 class ScaleRecorder:

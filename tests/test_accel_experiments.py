@@ -131,11 +131,20 @@ def test_analytic_infinity_2b_speedups_follow_what_each_method_leaves_out():
     assert all(row["mac_speedup"] > 1 for name, row in rows.items() if name != "baseline")
 
 
-def test_benchmark_stages_file_sets_the_refinement_start_of_the_stage_aware_methods(tmp_path: Path):
-    schedule = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]
-    write_stages(tmp_path / "stages.json", model="tiny", schedule=schedule, boundaries=StageBoundaries(1, 2, 3),
+FIVE_SCALES = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]
+
+
+def five_scale_stages(folder: Path) -> Path:
+    """A stages.json of a 5-scale tiny model: refinement from scale 3."""
+    write_stages(folder / "stages.json", model="tiny", schedule=FIVE_SCALES, boundaries=StageBoundaries(1, 2, 3),
                  ranks={"per_scale": [1, 2, 4, 6, 8]}, rule=StageRule(), semantic_curves={}, structural_curves={},
                  num_prompts=1, code_version="test")
+    return folder / "stages.json"
+
+
+def test_benchmark_stages_file_sets_the_refinement_start_of_the_stage_aware_methods(tmp_path: Path):
+    schedule = FIVE_SCALES
+    five_scale_stages(tmp_path)
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", ["experiment=benchmark", f"benchmark.stages_file={tmp_path / 'stages.json'}"])
     spec = ModelSpec("tiny", schedule, depth=2)
@@ -287,12 +296,8 @@ def test_accel_decompose_times_every_component_and_draws_where_the_speedup_comes
 def test_analytic_tables_of_other_models_ignore_a_stages_file_of_the_probed_one(tmp_path: Path):
     # A stages.json names its model and schedule; the Infinity-2B and VAR tables used to hand it to the policies of
     # a model it does not describe, so `benchmark.stages_file=...` failed before any compute.
-    schedule = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]
-    write_stages(tmp_path / "stages.json", model="tiny", schedule=schedule, boundaries=StageBoundaries(1, 2, 3),
-                 ranks={"per_scale": [1, 2, 4, 6, 8]}, rule=StageRule(), semantic_curves={}, structural_curves={},
-                 num_prompts=1, code_version="test")
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", ["experiment=benchmark", f"benchmark.stages_file={tmp_path / 'stages.json'}"])
+        cfg = compose("config", ["experiment=benchmark", f"benchmark.stages_file={five_scale_stages(tmp_path)}"])
     methods = methods_from(cfg.benchmark.methods)
     on_2b = {row["method"]: row["mac_speedup"] for row in infinity_2b_macs(methods, cfg.benchmark.infinity_2b)}
     on_var = {row["method"]: row["mac_speedup"] for row in release_macs(methods, ["var_d30"])

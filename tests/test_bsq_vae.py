@@ -8,23 +8,15 @@ import torch.nn.functional as F
 from errors import UserError
 from models.bsq_vae import BSQ, BSQVAE, BSQVAEConfig, Decoder, Downsample, resize_latent, swish, vae_checkpoint_name
 
+from listings import listing_section
+
 LISTING = Path(__file__).parent / "fixtures" / "bsq_vae_state_dict_keys.txt"
 TINY = BSQVAEConfig(codebook_dim=16, base_ch=32, ch_mult=(1, 2, 2), norm_groups=8)
 TINY_PATCHIFY = BSQVAEConfig(codebook_dim=6, base_ch=16, ch_mult=(1, 2, 2), norm_groups=8, spatial_patchify=True)
 
 
 def official_listing(section: str) -> tuple[dict[str, tuple[tuple[int, ...], str]], int]:
-    """{key: (shape, dtype)} and the parameter count of one section of the official listing."""
-    entries, params, inside = {}, None, False
-    for line in LISTING.read_text().splitlines():
-        if line.startswith("## "):
-            inside = line.startswith(f"## {section} ")
-            if inside:
-                params = int(re.search(r"([\d,]+) params", line).group(1).replace(",", ""))
-        elif inside and line.strip():
-            key, shape, dtype = re.fullmatch(r"(\S+) \(([\d, ]*)\) (\w+)", line).groups()
-            entries[key] = (tuple(int(n) for n in shape.split(",") if n.strip()), dtype)
-    return entries, params
+    return listing_section(LISTING, section)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from accel.macs import count_macs
 from accel.policies import ModelSpec, build_policy
@@ -14,7 +13,7 @@ from models.infinity import InfinityConfig
 from models.pipeline import TextToImageModel
 from models.schedules import infinity_schedule
 
-from helpers import small_config, small_model
+from helpers import FlopCount, small_config, small_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "accel"
 # Odd sizes on purpose: 3 heads, an FFN narrower than 4x, a non-square grid, prompts of different lengths.
@@ -31,20 +30,7 @@ def model() -> TextToImageModel:
 
 def counted_flops(model: TextToImageModel, policy, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[list[int]]]:
     """FLOPs of the transformer blocks and the head in a real generation, and the KV lengths after each scale."""
-    total = 0
-
-    def counting(method):
-        def counted(*args, **kwargs):
-            nonlocal total
-            with FlopCounterMode(display=False) as counter:
-                result = method(*args, **kwargs)
-            total += counter.get_total_flops()
-            return result
-
-        return counted
-
-    for name in ("run_blocks", "head_logits"):
-        monkeypatch.setattr(model.transformer, name, counting(getattr(model.transformer, name)))
+    flops = FlopCount(model.transformer, monkeypatch)
 
     class KVLengths:
         capture_blocks = ()
@@ -59,7 +45,7 @@ def counted_flops(model: TextToImageModel, policy, monkeypatch: pytest.MonkeyPat
     with sdpa_kernel(SDPBackend.MATH):  # the math kernel's matmuls are what the counter sees on a CPU
         sampling = SamplingConfig(cfg=3.0, tau=1.0)
         generate(model, PROMPTS, sampling, seed=0, policy=policy, observers=[observer], decode=False)
-    return total, observer.lengths
+    return flops.total, observer.lengths
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from accel.macs import count_macs
@@ -28,7 +27,7 @@ from models.star import STAR, STARConfig, rope_coordinates, star_rope
 from models.text_encoder import CLIPTextEncoder, CLIPTextTokens, RandomCLIPFeatures
 from models.vqvae import VQVAE, VQVAEConfig
 
-from helpers import ScaleRecorder
+from helpers import POLICIES, FlopCount, ScaleRecorder
 
 LISTING = Path(__file__).parent / "fixtures" / "star_state_dict_keys.txt"
 CONF = Path(__file__).resolve().parents[1] / "conf" / "accel"
@@ -295,43 +294,17 @@ def test_own_row_cross_attention_changes_the_guided_logits():
 # --- policies and MACs -------------------------------------------------------------------------------------------
 
 
-POLICIES = [
-    ("none", {}),
-    ("cfg_drop", {"refinement_start": -2}),
-    ("stagevar", {"rank_ratio": 0.3}),
-    ("stagevar", {"rank_ratio": 0.2, "sketch": "gaussian", "indices": "topk_norm", "keep_branch": "cond"}),
-    ("stagevar_released", {}),
-    ("fastvar", {"cache_scale": 2, "prune_scales": [3, 4], "prune_ratios": [0.4, 0.5], "skip_last": 1}),
-    ("skipvar", {"skip_last": 1, "cond_only_last": 3}),
-]
-
-
 @pytest.mark.parametrize(("name", "overrides"), POLICIES)
 def test_every_policy_runs_on_star_and_its_macs_equal_the_flop_counter(model, monkeypatch, name, overrides):
     policy = build_policy(OmegaConf.merge(OmegaConf.load(CONF / f"{name}.yaml"), overrides), model)
-    total = 0
-
-    def counting(method):
-        def counted(*args, **kwargs):
-            nonlocal total
-            with FlopCounterMode(display=False) as counter:
-                result = method(*args, **kwargs)
-            total += counter.get_total_flops()
-            return result
-
-        return counted
-
-    transformer = model.transformer
-    monkeypatch.setattr(transformer, "run_blocks", counting(transformer.run_blocks))
-    # `head_logits` is the official head module (its parameters' names), so its forward is what is counted.
-    monkeypatch.setattr(transformer.head_logits, "forward", counting(transformer.head_logits.forward))
+    flops = FlopCount(model.transformer, monkeypatch)
     with sdpa_kernel(SDPBackend.MATH):
         result = generate(model, PROMPTS, SamplingConfig(cfg=4.5, cfg_ramp=True, tau=1.0), seed=0, policy=policy)
     assert result.images.shape == (3, 16, 16, 3)
     text_length = model.text_length(PROMPTS)
     assert text_length == 77
-    macs = count_macs(transformer.config, model.schedule, policy, batch_size=3, text_length=text_length)
-    assert 2 * macs.total == total
+    macs = count_macs(model.transformer.config, model.schedule, policy, batch_size=3, text_length=text_length)
+    assert 2 * macs.total == flops.total
 
 
 def test_text_kv_projection_is_counted_at_every_scale():

@@ -2,14 +2,12 @@
 training pass, the CFG ramp, class prompts, strict loading, and every policy through the one scale loop."""
 
 import hashlib
-import re
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from accel.macs import count_macs
 from accel.policies import build_policy
@@ -22,7 +20,8 @@ from models.pipeline import TextToImageModel
 from models.var import VAR, VARConfig
 from models.vqvae import VQVAE, VQVAEConfig
 
-from helpers import ScaleRecorder
+from helpers import POLICIES, FlopCount, ScaleRecorder
+from listings import listing_section
 
 LISTING = Path(__file__).parent / "fixtures" / "var_state_dict_keys.txt"
 CONF = Path(__file__).resolve().parents[1] / "conf" / "accel"
@@ -31,16 +30,8 @@ CLASSES = ["golden retriever", "7", "tench"]
 
 
 def listing(section: str) -> tuple[dict[str, tuple[int, ...]], int]:
-    entries, params, inside = {}, None, False
-    for line in LISTING.read_text().splitlines():
-        if line.startswith("## "):
-            inside = line.startswith(f"## {section} ")
-            if inside:
-                params = int(re.search(r"([\d,]+) params", line).group(1).replace(",", ""))
-        elif inside and line.strip():
-            key, shape = re.fullmatch(r"(\S+) \(([\d, ]*)\) \w+", line).groups()
-            entries[key] = tuple(int(n) for n in shape.split(",") if n.strip())
-    return entries, params
+    entries, params = listing_section(LISTING, section)
+    return {key: shape for key, (shape, _) in entries.items()}, params
 
 
 def small_var(shared_aln: bool = False) -> TextToImageModel:
@@ -150,39 +141,15 @@ def test_strict_loading_names_the_first_bad_tensor(tmp_path):
         load_strict(target, truncated, source=str(path))
 
 
-POLICIES = [
-    ("none", {}),
-    ("cfg_drop", {"refinement_start": -2}),
-    ("stagevar", {"rank_ratio": 0.3}),
-    ("stagevar", {"rank_ratio": 0.2, "sketch": "gaussian", "indices": "topk_norm", "keep_branch": "cond"}),
-    ("stagevar_released", {}),
-    ("fastvar", {"cache_scale": 2, "prune_scales": [3, 4], "prune_ratios": [0.4, 0.5], "skip_last": 1}),
-    ("skipvar", {"skip_last": 1, "cond_only_last": 3}),
-]
-
-
 @pytest.mark.parametrize(("name", "overrides"), POLICIES)
 def test_every_policy_runs_on_var_and_its_macs_equal_the_flop_counter(model, monkeypatch, name, overrides):
     policy = build_policy(OmegaConf.merge(OmegaConf.load(CONF / f"{name}.yaml"), overrides), model)
-    total = 0
-
-    def counting(method):
-        def counted(*args, **kwargs):
-            nonlocal total
-            with FlopCounterMode(display=False) as counter:
-                result = method(*args, **kwargs)
-            total += counter.get_total_flops()
-            return result
-
-        return counted
-
-    for method in ("run_blocks", "head_logits"):
-        monkeypatch.setattr(model.transformer, method, counting(getattr(model.transformer, method)))
+    flops = FlopCount(model.transformer, monkeypatch)
     with sdpa_kernel(SDPBackend.MATH):
         result = generate(model, CLASSES, SamplingConfig(cfg=1.5, cfg_ramp=True, tau=1.0), seed=0, policy=policy)
     assert result.images.shape == (3, 16, 16, 3)
     macs = count_macs(model.transformer.config, model.schedule, policy, batch_size=3, text_length=0)
-    assert 2 * macs.total == total
+    assert 2 * macs.total == flops.total
 
 
 def test_the_stage_probe_trace_and_continuations_run_on_var(model):

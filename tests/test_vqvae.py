@@ -10,24 +10,12 @@ from errors import UserError
 from models.checkpoint import CheckpointError, load_strict, read_state_dict
 from models.vqvae import VQVAE, AttnBlock, Downsample, VQVAEConfig, phi_index
 
+from listings import listing_section
+
 LISTING = Path(__file__).parent / "fixtures" / "var_state_dict_keys.txt"
 TINY = VQVAEConfig(codebook_size=64, codebook_dim=8, base_ch=16, ch_mult=(1, 2), norm_groups=8, patch_nums=(1, 2, 4, 8))
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 VAR_SCHEDULE = [(pn, pn) for pn in VAR_PATCH_NUMS]
-
-
-def listing_section(path: Path, section: str) -> tuple[dict[str, tuple[tuple[int, ...], str]], int]:
-    """{key: (shape, dtype)} and the parameter count of one `## <section> -- ...` part of a listing file."""
-    entries, params, inside = {}, None, False
-    for line in path.read_text().splitlines():
-        if line.startswith("## "):
-            inside = line.startswith(f"## {section} ")
-            if inside:
-                params = int(re.search(r"([\d,]+) params", line).group(1).replace(",", ""))
-        elif inside and line.strip():
-            key, shape, dtype = re.fullmatch(r"(\S+) \(([\d, ]*)\) (\w+)", line).groups()
-            entries[key] = (tuple(int(n) for n in shape.split(",") if n.strip()), dtype)
-    return entries, params
 
 
 def tiny_vae(config: VQVAEConfig = TINY) -> VQVAE:
