@@ -37,6 +37,10 @@ class Condition(Protocol):
 class Positions(Protocol):
     """The positional rotation of one forward pass's tokens (RoPE, or none for absolute-position families)."""
 
+    def rotate(self, x: Tensor) -> Tensor:
+        """Queries or keys (R, H, n, head_dim) rotated to their tokens' positions."""
+        ...
+
     def at(self, positions: Tensor) -> Positions:
         """The rotation of a subset of the scale's tokens: raster positions (r,) shared by all rows, or (R, r)."""
         ...
