@@ -20,11 +20,11 @@ from torch import Tensor
 from accel.sampler import ScaleRecord, to_uint8
 from analysis.metrics import Metric
 from analysis.ranks import RankAggregate, aggregate_rank, cumulative_energy, energy_ranks, singular_values
-from analysis.rows import INPUTS, band_key, chunk_rank_key, rank_key
+from analysis.rows import INPUTS, UPDATE_RATIO, band_key, chunk_rank_key, rank_key
 from analysis.spectra import band_change, band_labels, check_band_edges, radial_power_spectrum
 from analysis.stages import EVIDENCE
 from errors import UserError
-from models.bsq_vae import BSQVAE
+from models.family import MultiScaleTokenizer
 from models.schedules import Grid
 
 
@@ -100,9 +100,11 @@ class RankChoice:
 
 
 class ScaleTrace:
-    """Sampler observer for one prompt batch: partial images and feature singular values after every scale."""
+    """Sampler observer for one prompt batch: partial images, feature singular values and the relative size of
+    each scale's update to the latent (`update_ratio`: a signal the sampler has for free, recorded beside the
+    continuation probe's verdict agreement, as a candidate for deciding per image when refinement starts)."""
 
-    def __init__(self, vae: BSQVAE, rank_blocks: Sequence[int], chunk_starts: Sequence[int] = (0,)):
+    def __init__(self, vae: MultiScaleTokenizer, rank_blocks: Sequence[int], chunk_starts: Sequence[int] = (0,)):
         self.vae = vae
         self.rank_blocks = tuple(rank_blocks)
         # A chunk's input is the scale input (level embedding added) or the output of the block before it.
@@ -113,11 +115,17 @@ class ScaleTrace:
         self.partial_images: list[Tensor] = []  # per scale, uint8 (B, H, W, 3)
         self.singular_values: list[dict[str, Tensor]] = []  # per scale, {source: (B, min(M, d))}
         self.grids: list[Grid] = []
+        self.update_ratios: list[Tensor] = []  # per scale, (B,): |latent_k - latent_k-1| / |latent_k|
+        self._previous_latent: Tensor | None = None
 
     def on_scale(self, record: ScaleRecord) -> None:
         if self.start_image is None:
             self.start_image = to_uint8(self.vae.decode(torch.zeros_like(record.latent)))
+            self._previous_latent = torch.zeros_like(record.latent)
         self.partial_images.append(to_uint8(self.vae.decode(record.latent)))
+        update = (record.latent - self._previous_latent).flatten(1).float().norm(dim=1)
+        self.update_ratios.append((update / record.latent.flatten(1).float().norm(dim=1).clamp(min=1e-12)).cpu())
+        self._previous_latent = record.latent  # the sampler makes a new latent each scale, never writes this one
         batch = record.latent.shape[0]  # under CFG rows [0, batch) are the conditional ones
         features = {INPUTS: record.inputs[:batch]}
         features |= {f"block{b}": record.block_hidden[b][:batch] for b in self.rank_blocks}
@@ -160,13 +168,15 @@ def measure(
     previous_images = trace.start_image
     labels = band_labels(config.band_edges)
     rows = [[] for _ in prompts]
-    scales = zip(trace.partial_images, trace.grids, trace.singular_values, trace.chunk_singular_values)
-    for scale, (images, grid, values, chunk_values) in enumerate(scales):
+    scales = zip(trace.partial_images, trace.grids, trace.singular_values, trace.chunk_singular_values,
+                 trace.update_ratios)
+    for scale, (images, grid, values, chunk_values, update_ratio) in enumerate(scales):
         tokens = grid[0] * grid[1]
         columns = {
             name: metric(images, final_images if metric.compares_with == "image" else prompts)
             for name, metric in metrics.items()
         }
+        columns[UPDATE_RATIO] = update_ratio
         bands = band_change(previous_images, images, config.band_edges)
         columns |= {band_key(label): bands[:, i] for i, label in enumerate(labels)}
         for source, source_values in values.items():

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 INPUTS = "inputs"  # the rank source of the scale input F~
+UPDATE_RATIO = "update_ratio"  # |latent_k - latent_k-1| / |latent_k| of each image: how much the scale changed it
 
 
 def rank_key(source: str, energy: float, fraction: bool = False) -> str:

@@ -111,6 +111,9 @@ def test_measure_gives_one_row_per_prompt_and_scale_with_every_measurement(model
     rows = measure(trace, PROMPTS, {"ssim": SSIM(), "gmsd": GMSD(), "shapes_eval": ShapesEvalPass()}, config, spectra)
 
     assert [(row["index"], row["scale"]) for row in rows] == [(i, k) for i in (3, 7) for k in range(5)]
+    # The first scale is the whole latent so far; later scales add less of it, whatever the model.
+    assert all(row["update_ratio"] == pytest.approx(1.0) for row in rows if row["scale"] == 0)
+    assert all(0 < row["update_ratio"] for row in rows)
     last = [row for row in rows if row["scale"] == 4]
     assert all(row["ssim"] == pytest.approx(1.0, abs=1e-5) and row["gmsd"] == pytest.approx(0.0, abs=1e-6) for row in last)
     for row in rows:
