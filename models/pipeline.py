@@ -154,6 +154,31 @@ class WeightFile:
         check_matches(module, header, source=self.source, rename=self.rename, ignore=self.ignore)
 
 
+def load_or_initialise(
+    transformer: nn.Module, vae: nn.Module, weight_files: list[WeightFile], random_init: bool
+) -> None:
+    """The official files loaded strictly into the transformer and the VAE, or (`random_init`, for timing without
+    weights) the transformer's own random initialisation."""
+    if random_init:
+        transformer.init_weights()
+        return
+    parts = {"transformer": transformer, "vae": vae}
+    for weight_file in weight_files:
+        weight_file.load_into(parts[weight_file.part])
+
+
+def text_encoder_or_random(
+    folder: Path, make_encoder: Callable[..., PromptEncoder], device: torch.device,
+    make_random: Callable[[], PromptEncoder],
+) -> PromptEncoder:
+    """The text encoder from its local folder; without the folder (a random-weight run), seeded random features,
+    said loudly."""
+    if folder.exists():
+        return make_encoder(folder, device=device)
+    log.warning("RANDOM TEXT FEATURES: %s not found; prompts are NOT encoded (timing only)", folder)
+    return make_random()
+
+
 def check_model_weights(model_cfg: DictConfig) -> None:
     """Every weight file of a `conf/model/*.yaml` node against the model's tensor names and shapes, from the files'
     headers (no tensor data is read, the model is built on the meta device). The files must exist
@@ -245,18 +270,10 @@ def load_infinity(
 
     with device:  # built where it runs: a 2B model is not first made (and randomly initialised) on the CPU
         transformer, vae = Infinity(make_transformer_config()), BSQVAE(make_vae_config())
-    if random_init:
-        transformer.init_weights()
-    else:
-        parts = {"transformer": transformer, "vae": vae}
-        for weight_file in infinity_weight_files(paths):
-            weight_file.load_into(parts[weight_file.part])
+    load_or_initialise(transformer, vae, infinity_weight_files(paths), random_init)
 
-    if paths["text_encoder"].exists():
-        text_encoder = T5TextEncoder(paths["text_encoder"], device=device)
-    else:
-        log.warning("RANDOM TEXT FEATURES: %s not found; prompts are NOT encoded (timing only)", paths["text_encoder"])
-        text_encoder = RandomTextFeatures(transformer.config.text_channels)
+    text_encoder = text_encoder_or_random(paths["text_encoder"], T5TextEncoder, device,
+                                          lambda: RandomTextFeatures(transformer.config.text_channels))
 
     use_bf16 = precision == "bf16" and device.type == "cuda"
     transformer.to(device).eval()
@@ -333,12 +350,7 @@ def load_var(
         check_files(paths, layout)
     with device:
         transformer, vae = VAR(config), VQVAE(VQVAEConfig.vae_ch160v4096z32())
-    if random_init:
-        transformer.init_weights()
-    else:
-        parts = {"transformer": transformer, "vae": vae}
-        for weight_file in var_weight_files(paths):
-            weight_file.load_into(parts[weight_file.part])
+    load_or_initialise(transformer, vae, var_weight_files(paths), random_init)
     return TextToImageModel(
         name, transformer.to(device).eval(), vae.to(device).eval(), ImageNetClassLabels(config.num_classes),
         config.schedule, rope_grid=config.schedule[-1], device=device, autocast_dtype=autocast,
@@ -390,17 +402,9 @@ def load_star(
         # The VAE keeps its 10-scale training config at every resolution (the file's ema_vocab_hit_SV has 10 rows);
         # the schedule (14 scales at 1024 px) reaches the tokenizer as an argument.
         transformer, vae = STAR(config), VQVAE(VQVAEConfig.vae_ch160v4096z32())
-    if random_init:
-        transformer.init_weights()
-    else:
-        parts = {"transformer": transformer, "vae": vae}
-        for weight_file in star_weight_files(paths):
-            weight_file.load_into(parts[weight_file.part])
-    if paths["text_encoder"].exists():
-        text_encoder = CLIPTextEncoder(paths["text_encoder"], device=device)
-    else:
-        log.warning("RANDOM TEXT FEATURES: %s not found; prompts are NOT encoded (timing only)", paths["text_encoder"])
-        text_encoder = RandomCLIPFeatures(config.text_channels)
+    load_or_initialise(transformer, vae, star_weight_files(paths), random_init)
+    text_encoder = text_encoder_or_random(paths["text_encoder"], CLIPTextEncoder, device,
+                                          lambda: RandomCLIPFeatures(config.text_channels))
     return TextToImageModel(
         name, transformer.to(device).eval(), vae.to(device).eval(), text_encoder, config.schedule,
         rope_grid=config.schedule[-1], device=device, autocast_dtype=autocast,
