@@ -108,6 +108,8 @@ class Processes:
         and score; the others return."""
         self.sync()
         self._sharing = False
+        if self.several and not self.is_main:  # no meeting follows: leave the group now, not at shutdown (_join)
+            _leave_process_group()
         return self.is_main
 
     def reported(self) -> None:
@@ -176,8 +178,15 @@ def _join() -> Processes:
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=MEETING_TIMEOUT)
     # Left to interpreter shutdown, the group's threads can outlive it and abort the process ("terminate called
     # without an active exception"): a process that has made its share and leaves would fail the run.
-    atexit.register(dist.destroy_process_group)
+    atexit.register(_leave_process_group)
     processes = Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if not processes.is_main:
         logging.disable(logging.WARNING)
     return processes
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
